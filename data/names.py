@@ -1,0 +1,108 @@
+"""Obtain and load word lists.
+
+The default data set is names.txt from karpathy/makemore (MIT). It is never committed:
+we take $NAMES_TXT, else ../shared/data/names.txt beside the checkout, else a cached
+download in data/names.txt, else download it, and always check its sha256.
+"""
+import hashlib
+import os
+import urllib.request
+from pathlib import Path
+
+NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
+NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_PATH = REPO_ROOT / "data" / "names.txt"
+SHARED_PATH = REPO_ROOT.parent / "shared" / "data" / "names.txt"
+END = "."  # start/end token; it can't appear inside a word
+
+
+class DataError(Exception):
+    """A data problem with a one-line message that names the fix."""
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified(path):
+    digest = sha256_of(path)
+    if digest != NAMES_SHA256:
+        raise DataError(
+            f"{path}: sha256 {digest[:12]}... does not match names.txt ({NAMES_SHA256[:12]}...); "
+            f"delete it or point NAMES_TXT at a good copy"
+        )
+    return path
+
+
+def default_names_path(download=True):
+    """Path to a checksum-verified names.txt, downloading it if no local copy exists."""
+    env = os.environ.get("NAMES_TXT")
+    if env:
+        if not Path(env).is_file():
+            raise DataError(f"NAMES_TXT={env} is not a file; unset it or fix the path")
+        return _verified(Path(env))
+    for candidate in (SHARED_PATH, CACHE_PATH):
+        if candidate.is_file():
+            return _verified(candidate)
+    if not download:
+        raise DataError(f"names.txt not found (looked at $NAMES_TXT, {SHARED_PATH}, {CACHE_PATH})")
+    tmp = CACHE_PATH.with_suffix(".part")
+    try:
+        print(f"downloading {NAMES_URL} -> {CACHE_PATH}")
+        with urllib.request.urlopen(NAMES_URL, timeout=30) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"could not download names.txt from {NAMES_URL} ({e}); "
+            f"set NAMES_TXT to a local copy or pass --data PATH"
+        ) from None
+    try:
+        _verified(tmp)
+    except DataError:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(CACHE_PATH)
+    return CACHE_PATH
+
+
+def resolve_data_path(path=None):
+    """--data PATH if given (any word list), else the verified default names.txt."""
+    if path is None:
+        return default_names_path()
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--data {path}: no such file")
+    return p
+
+
+def load_words(path):
+    """One word per line (makemore's contract). Blank lines are skipped, surrounding whitespace stripped."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}, line {line}); re-encode the file as UTF-8") from None
+    words = [w.strip() for w in text.splitlines()]
+    words = [w for w in words if w]
+    if not words:
+        raise DataError(f"{path}: no words (the file is empty or blank); give one word per line")
+    for i, w in enumerate(words):
+        if END in w:
+            raise DataError(f"{path}: word {w!r} contains {END!r}, which is reserved as the start/end token")
+    return words
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        print(default_names_path())
+    except DataError as e:
+        sys.exit(f"error: {e}")

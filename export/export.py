@@ -1,0 +1,85 @@
+"""Export the trained checkpoint: fold BatchNorm, write model.onnx (logits) and sampler.onnx (sampling loop).
+
+    python -m export.export --checkpoint artifacts/model.pt --out-dir artifacts
+"""
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from export.fold import fold_batchnorm, max_logit_diff
+from export.graphs import OPSET, build_logits_model, build_sampler_model
+from trainer.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from trainer.dataset import build_examples, split_words
+
+FOLD_TOLERANCE = 1e-5
+
+
+@dataclass
+class ExportReport:
+    checkpoint: str
+    checkpoint_sha256: str
+    fold_max_abs_logit_diff: float  # folded vs unfolded eval model, whole val split
+    val_examples: int
+    model_onnx: str
+    sampler_onnx: str
+    opset: int
+
+
+def metadata(ckpt, sha):
+    """What a server needs without the checkpoint. Words go in their own key (newline-joined)."""
+    metrics = {k: v for k, v in ckpt["metrics"].items() if k != "val_curve"}
+    return {
+        "namegen": json.dumps({
+            "vocab": "." + ckpt["vocab"],
+            "block_size": ckpt["model_config"]["block_size"],
+            "config": ckpt["model_config"],
+            "metrics": metrics,
+            "num_params": metrics.get("num_params", 0),
+            "checkpoint_sha256": sha,
+        }),
+        "words": "\n".join(ckpt["words"]),
+    }
+
+
+def export(checkpoint, out_dir):
+    model, vocab, ckpt = load_checkpoint(checkpoint)
+    folded = fold_batchnorm(model)
+    val = split_words(ckpt["words"], ckpt["split_seed"])["val"]
+    Xva, _ = build_examples(val, vocab, model.cfg.block_size)
+    diff = max_logit_diff(model, folded, Xva)
+    if diff > FOLD_TOLERANCE:
+        raise RuntimeError(f"folding changed the logits by {diff:.2e} > {FOLD_TOLERANCE:g}; refusing to export")
+    sha = file_sha256(checkpoint)
+    meta = metadata(ckpt, sha)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "model.onnx", out / "sampler.onnx"
+    for path, build in zip(paths, (build_logits_model, build_sampler_model)):
+        onnx.save(build(folded, model.cfg.block_size, meta), path)
+        onnx.checker.check_model(str(path), full_check=True)
+    return ExportReport(str(checkpoint), sha, diff, len(Xva), str(paths[0]), str(paths[1]), OPSET)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="artifacts/model.pt", help="trained checkpoint (make train)")
+    p.add_argument("--out-dir", default="artifacts", help="where model.onnx and sampler.onnx go")
+    args = p.parse_args(argv)
+    print(f"export: checkpoint={args.checkpoint} out_dir={args.out_dir}")
+    torch.set_grad_enabled(False)
+    try:
+        report = export(args.checkpoint, args.out_dir)
+    except (CheckpointError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    for k, v in asdict(report).items():
+        print(f"  {k}: {v}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Fold every BatchNorm into the Linear before it, for inference.
+
+In eval mode BatchNorm is an affine map per feature: y = (x - mean) / sqrt(var + eps) * gamma + beta.
+After a Linear (x W^T) that is again a Linear: W' = W * s[:, None], b' = beta - mean * s, s = gamma / sqrt(var + eps).
+"""
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_linear_bn_eval
+
+
+class FoldedMLP(nn.Module):
+    """embedding -> flatten -> [Linear(with bias) -> tanh] x n_layers -> Linear; same logits as MLP.eval()."""
+
+    def __init__(self, wte, linears, lm_head):
+        super().__init__()
+        self.wte = wte
+        self.linears = nn.ModuleList(linears)
+        self.lm_head = lm_head
+
+    def forward(self, idx):
+        x = self.wte(idx).flatten(1)  # (B, block_size * n_embd)
+        for lin in self.linears:
+            x = torch.tanh(lin(x))  # (B, n_hidden)
+        return self.lm_head(x)  # (B, vocab_size)
+
+
+@torch.no_grad()
+def fold_batchnorm(model):
+    """MLP (any mode) -> FoldedMLP using the running statistics. The input model is not modified."""
+    was_training = model.training
+    model.eval()  # fuse_linear_bn_eval asserts eval mode
+    fused = [fuse_linear_bn_eval(lin, bn) for lin, bn in zip(model.linears(), model.batchnorms())]
+    model.train(was_training)
+    wte = nn.Embedding.from_pretrained(model.wte.weight.detach().clone(), freeze=True)
+    head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
+    head.load_state_dict(model.lm_head.state_dict())
+    return FoldedMLP(wte, fused, head).eval()
+
+
+@torch.no_grad()
+def max_logit_diff(a, b, X, batch=65536):
+    """Max |a(X) - b(X)| over all rows of X (both models in eval mode)."""
+    worst = 0.0
+    for i in range(0, len(X), batch):
+        worst = max(worst, (a(X[i : i + batch]) - b(X[i : i + batch])).abs().max().item())
+    return worst

@@ -1,0 +1,289 @@
+"""ONNX graphs built node by node from the folded weights.
+
+model.onnx:   context int64 (N, block_size) -> logits float32 (N, vocab)
+sampler.onnx: the whole autoregressive loop of trainer/sampling.py in one Loop node, so a batch of names is
+              one session run. It computes in float64: torch and ONNX Runtime round float32 matrix products
+              differently (~1e-7), and a uniform that close to a CDF boundary picks a different token (about
+              one name in 20,000); in float64 the gap is ~1e-15 and the two implementations agree. Finished rows are compacted out every step (Compress), so a batch costs about
+              the mean name length in row-steps, not N x the longest name.
+Built by hand (not traced) so the graph is exactly the documented algorithm and nothing else.
+"""
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+FLOAT, DOUBLE, INT64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
+
+
+class Builder:
+    """Collects nodes and initializers with unique names; `op` returns the output name(s)."""
+
+    def __init__(self, prefix=""):
+        self.nodes, self.inits, self.prefix, self.n = [], [], prefix, 0
+
+    def name(self, hint):
+        self.n += 1
+        return f"{self.prefix}{hint}_{self.n}"
+
+    def const(self, value, hint="c", dtype=None):
+        arr = np.asarray(value, dtype=dtype)
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type, inputs, outputs=1, hint=None, **attrs):
+        outs = [self.name(hint or op_type.lower()) for _ in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def add_forward(b, weights, ctx, transposed=False):
+    """Nodes for logits = folded MLP(ctx). ctx: int64 (M, block_size) -> float32 (M, vocab), or (vocab, M)
+    when transposed (W_head @ h^T: the sampler's layout, where per-row values broadcast along contiguous rows)."""
+    emb = b.op("Gather", [weights["wte"], ctx], hint="emb")  # (M, block_size, n_embd)
+    x = b.op("Flatten", [emb], axis=1, hint="x")  # (M, block_size * n_embd)
+    for i, (W, bias) in enumerate(weights["layers"]):
+        h = b.op("Gemm", [x, W, bias], transB=1, hint=f"pre{i}")  # (M, n_hidden)
+        x = b.op("Tanh", [h], hint=f"h{i}")
+    if transposed:
+        return b.op("Gemm", [weights["head_w"], x, weights["head_b_col"]], transB=1, hint="logits_t")  # (vocab, M)
+    return b.op("Gemm", [x, weights["head_w"], weights["head_b"]], transB=1, hint="logits")  # (M, vocab)
+
+
+def weight_inits(b, folded, transposed=False, dtype=np.float32):
+    """Register the folded model's tensors as initializers; returns their names."""
+    f32 = lambda t: t.detach().cpu().double().numpy().astype(dtype)  # noqa: E731
+    return {
+        "wte": b.const(f32(folded.wte.weight), "wte"),
+        "layers": [(b.const(f32(l.weight), f"W{i}"), b.const(f32(l.bias), f"b{i}")) for i, l in enumerate(folded.linears)],
+        "head_w": b.const(f32(folded.lm_head.weight), "head_w"),
+        # (V, 1) bias for the transposed head, (V,) for the plain one
+        "head_b_col" if transposed else "head_b": b.const(f32(folded.lm_head.bias)[:, None] if transposed else f32(folded.lm_head.bias), "head_b"),
+    }
+
+
+def build_logits_model(folded, block_size, metadata):
+    b = Builder()
+    w = weight_inits(b, folded)
+    b.op("Identity", [add_forward(b, w, "context")], outputs=["logits"])
+    V = folded.lm_head.out_features
+    graph = helper.make_graph(
+        b.nodes, "namegen_logits",
+        [helper.make_tensor_value_info("context", INT64, ["N", block_size])],
+        [helper.make_tensor_value_info("logits", FLOAT, ["N", V])],
+        b.inits,
+    )
+    return _model(graph, metadata)
+
+
+# Fast rows whose uniform came this close (times temperature) to a CDF boundary are redone in float64.
+# float32 vs float64 normalised-CDF differences are ~1e-6 / temperature, so this is a 100x safety factor,
+# and it sends ~1 name in 25 of the fast path to the exact path.
+MARGIN = 1e-4
+
+
+def _filter(b, d, w, V):
+    """Zero the weights outside top-k, then outside the top-p nucleus (sampling.filter_weights).
+
+    d, w: (V, M) float64 scaled logits and weights. Works in (M, V) because TopK sorts along the last axis.
+    """
+    zero = b.const(np.array(0.0, np.float64))
+    ax1 = b.const([1], dtype=np.int64)
+    d, w = b.op("Transpose", [d], perm=[1, 0]), b.op("Transpose", [w], perm=[1, 0])  # (M, V)
+    kidx, topp = b.op("Gather", ["kidx_n1", "rows_in"]), b.op("Gather", ["topp_n1", "rows_in"])  # (M, 1)
+    ds = b.op("TopK", [d, b.const([V], dtype=np.int64)], outputs=2, axis=1, largest=1, sorted=1)[0]  # (M, V) sorted
+    kth = b.op("GatherElements", [ds, kidx], axis=1)  # (M, 1): the k-th largest (the smallest when top_k = 0)
+    w = b.op("Where", [b.op("GreaterOrEqual", [d, kth]), w, zero])
+    p = b.op("Div", [w, b.op("ReduceSum", [w, ax1], keepdims=1)])  # (M, V)
+    ps = b.op("TopK", [p, b.const([V], dtype=np.int64)], outputs=2, axis=1, largest=1, sorted=1)[0]
+    before = b.op("Sub", [b.op("CumSum", [ps, b.const(np.array(1, np.int64))]), ps])  # mass of more likely tokens
+    inside = b.op("Where", [b.op("Less", [before, topp]), ps, b.const(np.array(1.0, np.float64))])
+    pmin = b.op("ReduceMin", [inside, ax1], keepdims=1)  # (M, 1) nucleus threshold
+    w = b.op("Where", [b.op("GreaterOrEqual", [p, pmin]), w, zero])
+    return b.op("Transpose", [w], perm=[1, 0])  # (V, M)
+
+
+def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False):
+    """Loop body: one sampling step for the M still-active rows (trainer/sampling.py, step by step).
+
+    exact=False: the fast path: float32, no filters, and each row's margin (how far u * total was from the
+    boundaries of the chosen token's CDF interval, relative to total and times the temperature).
+    exact=True: float64, with top-k/top-p when filtered. unit_temperature: every row has temperature 1, so
+    d = s and log(sum(exp(s))) = log(cdf[-1]): two fewer passes over (V, M).
+    Layout (V, M): a per-row value is a (1, M) row that broadcasts along contiguous memory. Reads per-row
+    settings shaped (1, N) / (N, 1), uniforms as (T, 1, N) and the scan-output base (N, 3) from the outer graph.
+    Emits one scan output (N, 3) per step: [token, logprob, margin] scattered to the rows' original slots.
+    """
+    dt, DT, sfx = (np.float64, DOUBLE, "64") if exact else (np.float32, FLOAT, "32")
+    b = Builder(f"s{sfx}{'_t1' if unit_temperature else ''}{'_f' if filtered else ''}_")
+    w = weight_inits(b, folded, transposed=True, dtype=dt)
+    i, ctx, rows = "i", "ctx_in", "rows_in"  # ctx (M, block_size) int64, rows (M,) original row ids
+    ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
+    lt = add_forward(b, w, ctx, transposed=True)  # (V, M)
+    u = b.op("Gather", [b.op("Gather", [f"uniforms{sfx}_t", i]), rows], axis=1)  # (1, M): u * (1 - 2^-23), or -1
+    # Max over the vocabulary: a (V, 1) MaxPool is as fast as ReduceMax for one row and 2.4x faster for many.
+    pooled = b.op("MaxPool", [b.op("Reshape", [lt, b.const([1, 1, V, -1], dtype=np.int64)])], kernel_shape=[V, 1])
+    m = b.op("Reshape", [pooled, b.const([1, -1], dtype=np.int64)], hint="m")  # (1, M)
+    s = b.op("Sub", [lt, m])  # (V, M) logits - max
+    temp = None if unit_temperature else b.op("Gather", [f"temp{sfx}_1n", rows], axis=1)  # (1, M)
+    d = s if unit_temperature else b.op("Div", [s, temp])
+    wt = b.op("Exp", [d])  # (V, M) unnormalised weights, max 1
+    if filtered:
+        wt = _filter(b, d, wt, V)
+    # Inverse CDF: the count of cdf entries <= x = u * total * (1 - 2^-23) (the factor, folded into the
+    # uniforms, keeps x < total, so the pick is always a token with w > 0; u = -1 forces the end token).
+    cdf = b.op("CumSum", [wt, b.const(np.array(0, np.int64))])  # (V, M)
+    total = b.op("Slice", [cdf, b.const([V - 1], dtype=np.int64), b.const([V], dtype=np.int64), ax0])  # (1, M)
+    x = b.op("Mul", [u, total])
+    below = b.op("Cast", [b.op("LessOrEqual", [cdf, x])], to=DT)
+    tok_f = b.op("ReduceSum", [below, ax0], keepdims=1)  # (1, M) float count
+    tok = b.op("Cast", [tok_f], to=INT64, hint="tok")
+    # The model's own log-probability of the chosen token (temperature 1, unfiltered).
+    sumexp = total if unit_temperature and not exact else b.op("ReduceSum", [b.op("Exp", [s]), ax0], keepdims=1)
+    lp = b.op("Sub", [b.op("GatherElements", [s, tok], axis=0), b.op("Log", [sumexp])])  # (1, M)
+    if exact:
+        margin = b.op("Expand", [b.const(np.array([[np.inf]], dt)), b.op("Shape", [lp])])  # (1, M), never thin
+    else:
+        # x lies in [upper - w[tok], upper); a CDF that moves less than the margin can't change the token.
+        upper = b.op("GatherElements", [cdf, tok], axis=0)
+        lower = b.op("Sub", [upper, b.op("GatherElements", [wt, tok], axis=0)])
+        # Abs: a forced end (x < 0) has no lower boundary; its "margin" |x| / total ~ 1 is never thin.
+        margin = b.op("Div", [b.op("Abs", [b.op("Min", [b.op("Sub", [x, lower]), b.op("Sub", [upper, x])])]), total])
+        if temp is not None:
+            margin = b.op("Mul", [margin, temp])  # errors scale with 1 / temperature
+    out = b.op("Concat", [tok_f, lp, margin], axis=0)  # (3, M)
+    b.op("ScatterND", [f"base{sfx}", b.op("Unsqueeze", [rows, ax1]), b.op("Transpose", [out], perm=[1, 0])],
+         outputs=["step_n"])  # (N, 3): rows that finished keep the base [0, 0, inf]
+    # A row goes on until it emits the end token (forced at its max_tokens); compact the rest away.
+    keep = b.op("Squeeze", [b.op("Greater", [tok, b.const(np.array(0, np.int64))]), ax0])  # (M,)
+    tok_col = b.op("Transpose", [tok], perm=[1, 0])  # (M, 1)
+    nxt = b.op("Concat", [b.op("Slice", [ctx, ax1, b.const([np.iinfo(np.int64).max], dtype=np.int64), ax1]), tok_col], axis=1)
+    b.op("Compress", [nxt, keep], outputs=["ctx_out"], axis=0)
+    rows_out = b.op("Compress", [rows, keep], outputs=["rows_out"], axis=0)
+    b.op("Greater", [b.op("Size", [rows_out]), b.const(np.array(0, np.int64))], outputs=["cond_out"])
+    vi = helper.make_tensor_value_info
+    return helper.make_graph(
+        b.nodes, f"sample_step_{sfx}",
+        [vi("i", INT64, []), vi("cond_in", BOOL, []), vi(ctx, INT64, None), vi(rows, INT64, None)],
+        [vi("cond_out", BOOL, []), vi("ctx_out", INT64, None), vi("rows_out", INT64, None), vi("step_n", DT, None)],
+        b.inits,
+    )
+
+
+def _loop_node(body, inputs, out):
+    return helper.make_node("Loop", inputs, [out + "_ctx", out + "_rows", out], body=body)
+
+
+def _run_loop(b, bodies, select, N, T, hint, switch=None):
+    """Loop over the rows where select (N,) is true -> (steps, N, 3) scan output [token, logprob, margin].
+
+    bodies: one body, or (general, special) chosen once by the boolean `switch`, outside the loop.
+    """
+    zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
+    rows0 = b.op("Compress", [b.op("Range", [zero, N, one]), select], axis=0)
+    ctx0 = b.op("Compress", ["context", select], axis=0)
+    cond0 = b.op("Greater", [b.op("Size", [rows0]), zero])
+    inputs, out = [T, cond0, ctx0, rows0], b.name(hint)
+    if len(bodies) == 1:
+        b.nodes.append(_loop_node(bodies[0], inputs, out))
+    else:
+        branch = lambda body: helper.make_graph([_loop_node(body, inputs, out + "_b")], hint, [],  # noqa: E731
+                                                [helper.make_tensor_value_info(out + "_b", body.output[3].type.tensor_type.elem_type, None)])
+        b.op("If", [switch], outputs=[out], then_branch=branch(bodies[1]), else_branch=branch(bodies[0]))
+    # Reshape: when no step ran ORT leaves the scan output shaped (0, 0, 0).
+    shape = b.op("Concat", [b.const([-1], dtype=np.int64), b.op("Unsqueeze", [N, zero]), b.const([3], dtype=np.int64)], axis=0)
+    return b.op("Reshape", [out, shape])  # (steps, N, 3)
+
+
+def _collect(b, steps, N, T):
+    """(steps, N, 3) -> tokens (N, T) int64 padded with the end token, logprob (N,) float64, margin (N,)."""
+    zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
+    tok, lp, margin = b.op("Split", [steps], outputs=3, axis=2, num_outputs=3)  # each (steps, N, 1)
+    tok = b.op("Cast", [b.op("Transpose", [b.op("Squeeze", [tok, b.const([2], dtype=np.int64)])], perm=[1, 0])], to=INT64)
+    pads = b.op("Concat", [b.const([0, 0, 0], dtype=np.int64),
+                           b.op("Unsqueeze", [b.op("Sub", [T, b.op("Gather", [b.op("Shape", [tok]), one])]), zero])], axis=0)
+    lp = b.op("Cast", [b.op("ReduceSum", [lp, b.const([0, 2], dtype=np.int64)], keepdims=0)], to=DOUBLE)
+    shape = b.op("Concat", [b.const([1], dtype=np.int64), b.op("Unsqueeze", [N, zero]), b.const([1], dtype=np.int64)], axis=0)
+    inf = b.op("ConstantOfShape", [shape], value=helper.make_tensor("v", FLOAT, [1], [np.inf]))  # (1, N, 1)
+    margin = b.op("ReduceMin", [b.op("Concat", [inf, b.op("Cast", [margin], to=FLOAT)], axis=0),
+                                b.const([0, 2], dtype=np.int64)], keepdims=0)  # (N,); inf when no step ran
+    return b.op("Pad", [tok, pads]), lp, margin
+
+
+def _exact_stage(folded, V, N, T, tok32, lp32, exact):
+    """If-branch: redo the `exact` rows in float64 (with top-k/top-p) and merge them into the fast results.
+
+    Everything only the exact path needs is prepared here, so a batch without such rows skips all of it.
+    """
+    b = Builder("x_")
+    zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
+    ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
+    b.op("Expand", [b.const(np.array([[0.0, 0.0, np.inf]], np.float64)), "N3"], outputs=["base64"])
+    b.op("Unsqueeze", [b.op("Cast", ["temperature"], to=DOUBLE), ax0], outputs=["temp64_1n"])
+    b.op("Unsqueeze", [b.op("Mul", [b.op("Cast", ["u_t"], to=DOUBLE), b.const(np.array(1 - 2**-23, np.float64))]), ax1],
+         outputs=["uniforms64_t"])  # (T, 1, N)
+    # top_k = 0 means the V-th largest, i.e. keep all; top_p >= 1 means 2, so no token is ever outside.
+    k = b.op("Where", ["use_k", b.op("Min", ["top_k", b.const(np.array(V, np.int64))]), b.const(np.array(V, np.int64))])
+    b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=["kidx_n1"])
+    topp = b.op("Where", ["use_p", b.op("Cast", ["top_p"], to=DOUBLE), b.const(np.array(2.0, np.float64))])
+    b.op("Unsqueeze", [topp, ax1], outputs=["topp_n1"])
+    any_filtered = b.op("Greater", [b.op("ReduceMax", [b.op("Cast", ["filtered"], to=INT64)], keepdims=0), zero])
+    bodies = [_sampling_body(folded, V, exact=True), _sampling_body(folded, V, exact=True, filtered=True)]
+    tok64, lp64, _ = _collect(b, _run_loop(b, bodies, exact, N, T, "exact", switch=any_filtered), N, T)
+    b.op("Where", [b.op("Unsqueeze", [exact, ax1]), tok64, tok32], outputs=["tokens_x"])
+    b.op("Cast", [b.op("Where", [exact, lp64, lp32])], outputs=["logprob_x"], to=FLOAT)
+    vi = helper.make_tensor_value_info
+    return helper.make_graph(b.nodes, "exact_stage", [], [vi("tokens_x", INT64, None), vi("logprob_x", FLOAT, None)], b.inits)
+
+
+def build_sampler_model(folded, block_size, metadata):
+    V = folded.lm_head.out_features
+    b = Builder()
+    zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
+    ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
+    N = b.op("Gather", [b.op("Shape", ["context"]), zero], hint="N")  # scalar
+    T = b.op("Gather", [b.op("Shape", ["uniforms"]), one], hint="T")
+    b.op("Concat", [b.op("Unsqueeze", [N, zero]), b.const([3], dtype=np.int64)], axis=0, outputs=["N3"])  # [N, 3]
+    b.op("Expand", [b.const(np.array([[0.0, 0.0, np.inf]], np.float32)), "N3"], outputs=["base32"])  # [token, logprob, margin]
+    # The end token is forced at column max_tokens: u = -1 there (and after) makes the pick token 0.
+    cols = b.op("Unsqueeze", [b.op("Range", [zero, T, one]), ax0])  # (1, T)
+    forced = b.op("GreaterOrEqual", [cols, b.op("Unsqueeze", ["max_tokens", ax1])])  # (N, T)
+    b.op("Transpose", [b.op("Where", [forced, b.const(np.array(-1.0, np.float32)), "uniforms"])], perm=[1, 0], outputs=["u_t"])  # (T, N)
+    b.op("Unsqueeze", [b.op("Mul", ["u_t", b.const(np.array(1 - 2**-23, np.float32))]), ax1], outputs=["uniforms32_t"])  # (T, 1, N)
+    b.op("Unsqueeze", ["temperature", ax0], outputs=["temp32_1n"])
+    t1 = b.op("ReduceMin", [b.op("Cast", [b.op("Equal", ["temperature", b.const(np.array(1.0, np.float32))])], to=INT64)], keepdims=0)
+    b.op("Greater", [t1, zero], outputs=["unit_temperature"])
+    b.op("Greater", ["top_k", zero], outputs=["use_k"])
+    b.op("Less", ["top_p", b.const(np.array(1.0, np.float32))], outputs=["use_p"])
+    b.op("Or", ["use_k", "use_p"], outputs=["filtered"])
+    # Fast path: float32, rows without filters. Exact path: float64, rows with filters or a thin margin.
+    fast = _run_loop(b, [_sampling_body(folded, V, exact=False), _sampling_body(folded, V, exact=False, unit_temperature=True)],
+                     b.op("Not", ["filtered"]), N, T, "fast", switch="unit_temperature")
+    tok32, lp32, margin = _collect(b, fast, N, T)
+    thin = b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])
+    exact = b.op("Or", ["filtered", thin], outputs=["rechecked"])
+    any_exact = b.op("Greater", [b.op("ReduceMax", [b.op("Cast", [exact], to=INT64)], keepdims=0), zero])
+    vi = helper.make_tensor_value_info
+    fast_only = helper.make_graph(
+        [helper.make_node("Identity", [tok32], ["tokens_f"]), helper.make_node("Cast", [lp32], ["logprob_f"], to=FLOAT)],
+        "fast_only", [], [vi("tokens_f", INT64, None), vi("logprob_f", FLOAT, None)])
+    b.op("If", [any_exact], outputs=["tokens", "logprob"], then_branch=_exact_stage(folded, V, N, T, tok32, lp32, exact),
+         else_branch=fast_only)
+    graph = helper.make_graph(
+        b.nodes, "namegen_sampler",
+        [vi("context", INT64, ["N", block_size]), vi("uniforms", FLOAT, ["N", "T"]), vi("temperature", FLOAT, ["N"]),
+         vi("top_k", INT64, ["N"]), vi("top_p", FLOAT, ["N"]), vi("max_tokens", INT64, ["N"])],
+        [vi("tokens", INT64, ["N", "T"]), vi("logprob", FLOAT, ["N"]), vi("rechecked", BOOL, ["N"])],
+        b.inits,
+    )
+    return _model(graph, metadata)
+
+
+def _model(graph, metadata):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="namegen")
+    model.ir_version = 9  # what onnxruntime 1.2x+ reads; opset 18
+    for k, v in metadata.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(model, full_check=True)
+    return model

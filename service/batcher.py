@@ -1,0 +1,251 @@
+"""Dynamic batching: concurrent Generate requests share one model run.
+
+One worker coroutine owns the engine. Handlers `await batcher.submit(request, rows)`; the worker
+collects queued jobs in round-robin order up to `max_batch_rows` rows, runs `engine.run(parts)` on a
+single-thread executor (ORT releases the GIL, so the event loop keeps accepting and answering RPCs
+meanwhile), and resolves each job's future when it has its names.
+
+Policies, and why:
+- No waiting when idle: a lone request is run at once, and when there is no concurrent traffic a
+  small one runs right on the loop thread (see _inline). Only when the last run served several
+  requests may the worker wait up to max_wait_ms for about as many to arrive, never longer.
+- Fairness: a job larger than a batch is served a chunk per run and then goes to the back, behind
+  jobs that arrived during the run, so a million names can't hold up a one-name request for long.
+- Determinism: each request draws its uniforms from its own seeded generator in order, so how it is
+  chunked or what it is batched with doesn't change its names (the engine guarantees this).
+- Bounded memory: at most max_queue jobs are pending (queued or being served); more -> QueueFull
+  (RESOURCE_EXHAUSTED). A stream submits a chunk at a time (one ahead), so it holds about two.
+- Cancelled jobs are skipped at the next collection and get no more model runs; jobs whose deadline
+  passed in the queue fail with DeadlineExceeded.
+- max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
+"""
+import asyncio
+import collections
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+
+CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
+PROBE_EVERY = 4  # every 4th lone small run goes to the engine thread anyway (see Batcher._inline)
+
+
+class QueueFull(Exception):
+    """Too many pending requests; the client should back off and retry."""
+
+
+class DeadlineExceeded(Exception):
+    """The client's deadline passed before the request got its names."""
+
+
+class Job:
+    __slots__ = ("request", "want", "samples", "future", "enqueued", "deadline", "served", "cancelled")
+
+    def __init__(self, request, want, future, deadline):
+        self.request = request
+        self.want = want  # names this job still needs
+        self.samples = []
+        self.future = future
+        self.enqueued = time.perf_counter()
+        self.deadline = deadline  # perf_counter time after which nobody is waiting any more, or None
+        self.served = False  # has had a model run (for the queue-time metric)
+        self.cancelled = False
+
+
+class Batcher:
+    def __init__(self, engine, max_batch_rows=1024, max_wait_ms=1.0, max_queue=1024, metrics=None, inline_rows=16):
+        self.engine = engine
+        self.inline_rows = inline_rows
+        self._concurrent_until = 0.0  # until then, traffic counts as concurrent: no inline runs
+        self._inline_streak = 0
+        self.batching = max_batch_rows > 0
+        # The engine's max_rows keeps one run's memory bounded; batching can only ask for fewer.
+        self.cap = min(max_batch_rows, engine.max_rows) if self.batching else engine.max_rows
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.max_queue = max(1, max_queue)
+        self.metrics = metrics
+        self.pending = 0  # jobs submitted and neither finished nor cancelled
+        self._jobs = collections.deque()  # round-robin order of jobs waiting for a run
+        self._incoming = collections.deque()  # submitted since the worker last looked
+        self._wake = None
+        self._task = None
+        self._last_batch = 1  # requests served by the previous run
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+
+    def start(self):
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._worker(), name="batcher")
+
+    async def close(self):
+        """Stop the worker (after the server has drained); fails whatever is still queued."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in list(self._jobs) + list(self._incoming):
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def call(self, fn, *args):
+        """Run fn(*args) on the engine's thread (serialised with the model runs): Score, warm-up."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def submit(self, request, rows, timeout=None, admitted=False):
+        """The next `rows` names of `request` (fewer only if the request is done first; a few more
+        under only_new, whose draws are sized by the engine).
+
+        timeout: seconds the caller will wait (the RPC's remaining deadline), or None.
+        admitted: a later chunk of a stream that was let in already; it isn't turned away mid-way.
+        Raises QueueFull, or what engine.run raised for this request (GenerationError, ...).
+        """
+        if self.pending >= self.max_queue and not admitted:
+            raise QueueFull(f"server queue is full ({self.max_queue} requests pending); retry later")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        job = Job(request, min(rows, request.remaining), loop.create_future(), deadline)
+        if job.want <= 0:
+            return []
+        self.pending += 1
+        self._incoming.append(job)
+        self._wake.set()
+        try:
+            return await job.future
+        finally:
+            if not job.future.done():
+                job.cancelled = True  # cancelled / deadline: the worker drops it and runs no more for it
+            self.pending -= 1
+
+    async def _worker(self):
+        while True:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug here must not stop all generation
+                traceback.print_exc(file=sys.stderr)
+                for job in list(self._jobs):
+                    if not job.future.done():
+                        job.future.set_exception(RuntimeError("internal batching error"))
+                self._jobs.clear()
+
+    async def _step(self):
+        """Collect one batch, run it, hand out the names."""
+        loop = asyncio.get_running_loop()
+        if not self._incoming and not self._jobs:
+            self._wake.clear()
+            await self._wake.wait()
+            await asyncio.sleep(0)  # let the handlers of the same network read enqueue too
+        elif self.batching and self.max_wait and self._last_batch > 1:
+            await self._gather_more()
+        self._jobs.extend(self._incoming)
+        self._incoming.clear()
+        parts, rows = self._collect()
+        if not parts:
+            return
+        now = time.perf_counter()
+        for job, _ in parts:
+            if not job.served:
+                job.served = True
+                if self.metrics:
+                    self.metrics.queue_time.observe(now - job.enqueued)
+        work = [(j.request, n) for j, n in parts]
+        try:
+            if self._inline(parts, rows, now):
+                results = self.engine.run(work)
+            else:
+                results = await loop.run_in_executor(self._executor, self.engine.run, work)
+        except Exception as e:  # noqa: BLE001 - delivered to the requests it concerns
+            self._fail(parts, e)
+            return
+        if self.metrics:
+            self.metrics.observe_batch(rows, len(parts), time.perf_counter() - now)
+        self._last_batch = len(parts)
+        # Arrivals during the run go before the jobs just served: round robin, new work first.
+        self._jobs.extend(self._incoming)
+        self._incoming.clear()
+        for (job, _), samples in zip(parts, results):
+            job.samples.extend(samples)
+            if job.future.done():  # cancelled while the model ran: its names are dropped
+                continue
+            if job.request.error:  # e.g. only_new gave up: this request fails, its batch-mates don't
+                job.future.set_exception(job.request.error)
+            elif len(job.samples) >= job.want or job.request.done:
+                job.future.set_result(job.samples)
+            else:
+                self._jobs.append(job)
+
+    def _inline(self, parts, rows, now):
+        """Run this batch on the event-loop thread?
+
+        A lone small request on a server without concurrent traffic: yes, since the two thread
+        hand-offs (to the engine thread and back) cost about as much as the run itself. Under
+        concurrent traffic: no, the loop must keep accepting requests during the run (grpc.aio
+        accepts one RPC per loop pass) so that they form the next batch. An inline run hides
+        concurrency (nothing is accepted meanwhile), so every PROBE_EVERY-th lone run still goes
+        to the engine thread and lets waiting requests show up.
+        """
+        if len(parts) > 1 or self.pending > 1:
+            self._concurrent_until = now + CONCURRENT_HOLD
+        if len(parts) > 1 or rows > self.inline_rows or now < self._concurrent_until:
+            return False
+        self._inline_streak += 1
+        if self._inline_streak >= PROBE_EVERY:
+            self._inline_streak = 0
+            return False
+        return True
+
+    async def _gather_more(self):
+        """Concurrent traffic: wait (at most max_wait) until about as many requests as last time arrived."""
+        if self._rows_waiting() >= self.cap:  # a full batch is already there
+            return
+        end = time.perf_counter() + self.max_wait
+        want = self._last_batch
+        while len(self._incoming) + len(self._jobs) < want:
+            left = end - time.perf_counter()
+            if left <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                break
+
+    def _rows_waiting(self):
+        return sum(j.want - len(j.samples) for j in self._incoming) + sum(j.want - len(j.samples) for j in self._jobs)
+
+    def _collect(self):
+        """Take jobs from the front of the round-robin queue until the batch is full."""
+        parts, rows, now = [], 0, time.perf_counter()
+        keep = collections.deque()
+        jobs = self._jobs
+        while jobs:
+            job = jobs.popleft()
+            if job.cancelled or job.future.done():
+                continue
+            if job.deadline is not None and now > job.deadline:
+                job.cancelled = True
+                job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+                continue
+            if rows >= self.cap or (parts and not self.batching):
+                keep.append(job)
+                continue
+            req, owed = job.request, job.want - len(job.samples)
+            if owed <= 0 or req.done:  # nothing more to draw: hand over what it has
+                job.future.set_result(job.samples)
+                continue
+            # The engine sizes the draw (only_new draws extra, since some names are known ones; a
+            # surplus beyond this job's share stays with the job, in order, for the next chunk).
+            n = req.rows_wanted(min(self.cap - rows, self.cap if req.params.only_new else owed))
+            parts.append((job, n))
+            rows += n
+        self._jobs = keep
+        return parts, rows
+
+    def _fail(self, parts, exc):
+        for job, _ in parts:
+            if not job.future.done():
+                job.future.set_exception(exc)

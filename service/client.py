@@ -1,0 +1,140 @@
+"""Command-line client: `python -m service.client {generate,stream,score,info} --help`.
+
+    python -m service.client generate -n 5 --prefix em --seed 7
+    python -m service.client stream -n 1000000 --out names.out
+    python -m service.client score emma olivia
+    python -m service.client info
+
+RPC errors print `error: CODE: message` on stderr and exit 1 (no traceback).
+"""
+import argparse
+import json
+import sys
+import time
+
+import grpc
+from google.protobuf import json_format
+
+from service import gen_proto
+
+gen_proto.ensure()
+from service.namegen_pb import namegen_pb2 as pb  # noqa: E402
+from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
+
+# Generate answers up to --max-samples names in one message; gRPC clients accept only 4 MiB by default.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 16 << 20)]
+
+
+def request_of(args):
+    """GenerateRequest with only the options given on the command line set (the rest: server defaults)."""
+    req = pb.GenerateRequest(num_samples=args.num_samples)
+    for field in ("temperature", "top_k", "top_p", "seed", "prefix", "max_length", "chunk_size"):
+        value = getattr(args, field, None)
+        if value is not None:
+            setattr(req, field, value)
+    if args.only_new:
+        req.only_new = True
+    return req
+
+
+def cmd_generate(stub, args):
+    resp = stub.Generate(request_of(args), timeout=args.timeout)
+    width = max((len(s.name) for s in resp.samples), default=0)
+    for s in resp.samples:
+        print(f"{s.name:<{width}}  {s.logprob:9.4f}  {'[train]' if s.in_training_data else '[new]'}")
+    print(f"seed: {resp.seed}")
+
+
+def cmd_stream(stub, args):
+    out = open(args.out, "w") if args.out else sys.stdout
+    n, chunks, seed, t0 = 0, 0, None, time.perf_counter()
+    progress = sys.stderr.isatty()  # a live progress line for people; logs get the summary only
+    try:
+        for resp in stub.GenerateStream(request_of(args), timeout=args.timeout):
+            out.write("\n".join(s.name for s in resp.samples))
+            out.write("\n")
+            n += len(resp.samples)
+            chunks += 1
+            seed = resp.seed
+            if progress:
+                rate = n / max(time.perf_counter() - t0, 1e-9)
+                print(f"\r{n:,}/{args.num_samples:,} names, {rate:,.0f} names/s", end="", file=sys.stderr, flush=True)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    dt = time.perf_counter() - t0
+    if progress:
+        print(file=sys.stderr)
+    print(f"{n:,} names in {chunks} chunks, {dt:.2f}s ({n / max(dt, 1e-9):,.0f} names/s), seed: {seed}", file=sys.stderr)
+
+
+def cmd_score(stub, args):
+    resp = stub.Score(pb.ScoreRequest(names=args.names), timeout=args.timeout)
+    width = max(len(s.name) for s in resp.scores)
+    for s in resp.scores:
+        per = " ".join(f"{c}:{lp:.2f}" for c, lp in zip(s.name + ".", s.char_logprobs))
+        print(f"{s.name:<{width}}  {s.logprob:9.4f}  {per}")
+
+
+def cmd_info(stub, args):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)
+    d = json_format.MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    print(json.dumps(d, indent=2))
+
+
+def parse_args(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given after the subcommand overrides the one before it, an absent one doesn't.
+    common.add_argument("--target", default=argparse.SUPPRESS, help="server address (default 127.0.0.1:50051)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="RPC deadline in seconds (default 30)")
+
+    ap = argparse.ArgumentParser(prog="python -m service.client", description="namegen gRPC client.")
+    ap.add_argument("--target", default="127.0.0.1:50051", help="server address")
+    ap.add_argument("--timeout", type=float, default=30.0, help="RPC deadline in seconds")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--prefix", help="names start with this (default: none)")
+    sampling.add_argument("--temperature", type=float, help="softmax temperature > 0 (server default 1.0)")
+    sampling.add_argument("--top-k", type=int, help="keep the k most likely characters (server default 0 = off)")
+    sampling.add_argument("--top-p", type=float, help="nucleus mass in (0, 1] (server default 1 = off)")
+    sampling.add_argument("--seed", type=int, help="random seed (default: the server picks one and reports it)")
+    sampling.add_argument("--max-length", type=int, help="longest name, prefix included (server default 32)")
+    sampling.add_argument("--only-new", action="store_true", help="only names that are not in the training data")
+
+    g = sub.add_parser("generate", parents=[common, sampling], help="generate names in one response")
+    g.add_argument("-n", "--num-samples", type=int, default=10, help="how many names")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("stream", parents=[common, sampling], help="generate many names as a stream of chunks")
+    s.add_argument("-n", "--num-samples", type=int, default=1000, help="how many names")
+    s.add_argument("--chunk-size", type=int, help="names per message (server default 10000)")
+    s.add_argument("--out", help="write names here, one per line (default: stdout)")
+    s.set_defaults(func=cmd_stream)
+
+    sc = sub.add_parser("score", parents=[common], help="log-probability of names under the model")
+    sc.add_argument("names", nargs="+", help="names to score")
+    sc.set_defaults(func=cmd_score)
+
+    i = sub.add_parser("info", parents=[common], help="model and server information")
+    i.set_defaults(func=cmd_info)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        with grpc.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
+            args.func(pb_grpc.NameGeneratorStub(channel), args)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

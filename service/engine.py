@@ -1,0 +1,251 @@
+"""Inference engine: the compiled sampler (sampler.onnx) and the logits model (model.onnx) on ONNX Runtime.
+
+Determinism: each request's uniforms come from its own generator seeded with the request's seed
+(params.uniform_stream) and are read row by row in order, so a request's names depend only on its own
+parameters, never on how its rows were chunked or which other requests shared the session run.
+"""
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.params import GenerateParams, InvalidArgument, uniform_stream
+
+log = logging.getLogger("namegen.engine")
+ort.set_default_logger_severity(3)  # errors only: a failed CUDA probe under provider=auto is expected, not noise
+
+
+class ModelFileError(Exception):
+    """Missing, corrupt or incompatible model artifacts (one-line message)."""
+
+
+class ProviderError(Exception):
+    """The requested execution provider cannot be used here."""
+
+
+class GenerationError(Exception):
+    """A valid request that can't be satisfied, e.g. only_new found too few new names in its draw budget."""
+
+
+@dataclass(slots=True)
+class Sample:
+    name: str
+    logprob: float  # log P(name) under the model: every character and the end token, temperature 1
+    in_training_data: bool  # the name is in the word list the model was trained from
+
+
+@dataclass
+class ModelInfo:
+    vocab: str  # itos: index 0 is the end token '.'
+    block_size: int
+    config: dict
+    metrics: dict
+    checkpoint_sha256: str
+    provider: str
+    num_params: int
+    sampler_path: str
+
+
+def make_session(path, provider="auto", threads=0):
+    """-> (InferenceSession, "cuda" | "cpu"). provider: cpu | cuda | auto (CUDA if it really loads)."""
+    if provider not in ("auto", "cpu", "cuda"):
+        raise ProviderError(f"provider must be auto, cpu or cuda, got {provider!r}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if provider != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        if hasattr(ort, "preload_dlls"):
+            try:  # CUDA/cuDNN from pip's nvidia-* wheels, when present
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - absence is diagnosed below by get_providers()
+                pass
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - ORT raises several types for bad files
+        raise ModelFileError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+    active = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    if provider == "cuda" and active != "cuda":
+        raise ProviderError(
+            "provider=cuda but ONNX Runtime's CUDA execution provider did not load here "
+            f"(available: {ort.get_available_providers()}; no GPU, driver or CUDA libraries?); use --provider cpu or auto"
+        )
+    if provider == "auto":
+        log.info("provider=auto: using %s", active)
+    return sess, active
+
+
+def read_metadata(sess, path):
+    props = sess.get_modelmeta().custom_metadata_map
+    try:
+        meta = json.loads(props["namegen"])
+        words = props.get("words", "")
+        meta["words"] = words.split("\n") if words else []
+        meta["vocab"], meta["block_size"]  # noqa: B018 - required keys
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"{path}: no namegen metadata ({e}); re-run `make export`") from None
+    return meta
+
+
+class Request:
+    """One validated Generate request, possibly served over several engine runs (chunks, dynamic batches)."""
+
+    def __init__(self, params: GenerateParams, context, prefix_logprob, max_draws):
+        self.params = params
+        self.T = params.max_tokens + 1  # uniform columns: the characters, then the (forced) end token
+        self.rng = uniform_stream(params.seed)
+        self.remaining = params.num_samples
+        self.drawn = 0
+        self.max_draws = max_draws
+        self.context = np.asarray(context, dtype=np.int64)  # (block_size,)
+        self.prefix_logprob = prefix_logprob
+        self.error = None  # a GenerationError that ended this request (it concerns no other request)
+
+    @property
+    def done(self):
+        return self.remaining == 0 or self.error is not None
+
+    def rows_wanted(self, cap):
+        """Rows to draw next: what is still owed (a little more under only_new, since some names are known)."""
+        n = self.remaining if not self.params.only_new else math.ceil(self.remaining * 1.5) + 8
+        return max(1, min(n, cap, self.max_draws - self.drawn))
+
+
+class Engine:
+    def __init__(self, model_dir="artifacts", provider="auto", threads=0, max_rows=16384):
+        model_dir = Path(model_dir)
+        sampler_path, logits_path = model_dir / "sampler.onnx", model_dir / "model.onnx"
+        for p in (sampler_path, logits_path):
+            if not p.is_file():
+                raise ModelFileError(f"{p}: not found; run `make export` (or pass the right --model-dir)")
+        self.sampler, self.provider = make_session(sampler_path, provider, threads)
+        self.logits_model, _ = make_session(logits_path, self.provider, threads)
+        meta = read_metadata(self.sampler, sampler_path)
+        self.itos = meta["vocab"]
+        self.block_size = int(meta["block_size"])
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+        self.words = frozenset(meta["words"])
+        self.max_rows = max_rows
+        self.rows_sampled = self.rows_rechecked = 0
+        # Token id -> code point, end token -> NUL: an (N, T) token array viewed as '<U{T}' strings decodes
+        # every row at once, since numpy drops trailing NULs.
+        self._codes = np.array([0] + [ord(c) for c in self.itos[1:]], dtype=np.uint32)
+        self.info = ModelInfo(
+            vocab=self.itos, block_size=self.block_size, config=meta.get("config", {}), metrics=meta.get("metrics", {}),
+            checkpoint_sha256=meta.get("checkpoint_sha256", ""), provider=self.provider,
+            num_params=int(meta.get("num_params", 0)), sampler_path=str(sampler_path),
+        )
+
+    # ---- generation ----
+    def request(self, params: GenerateParams, max_samples=1_000_000) -> Request:
+        params = params.validate(self.itos, max_samples)
+        ids = [0] * self.block_size + [self.stoi[c] for c in params.prefix]
+        prefix_lp = self._char_logprobs([params.prefix], end=False)[0].sum() if params.prefix else 0.0
+        max_draws = max(10_000, 100 * params.num_samples) if params.only_new else params.num_samples
+        return Request(params, ids[len(ids) - self.block_size :], float(prefix_lp), max_draws)
+
+    def run(self, parts):
+        """One sampler run over n rows from each (request, n) part. -> accepted samples per part.
+
+        A request that exhausts its only_new draw budget gets request.error; the others are unaffected.
+        """
+        reqs, counts = [r for r, _ in parts], np.array([n for _, n in parts])
+        T = max(r.T for r in reqs)
+        uni = np.empty((counts.sum(), T), np.float32)  # columns past a row's forced end are never read
+        i = 0
+        for req, n in parts:
+            uni[i : i + n, : req.T] = req.rng.random((n, req.T), dtype=np.float32)  # its next n rows, in order
+            req.drawn += n
+            i += n
+        per_row = lambda values, dtype: np.repeat(np.array(values, dtype), counts, axis=0)  # noqa: E731
+        tokens, logprob, rechecked = self.sampler.run(None, {
+            "context": per_row([r.context for r in reqs], np.int64), "uniforms": uni,
+            "temperature": per_row([r.params.temperature for r in reqs], np.float32),
+            "top_k": per_row([r.params.top_k for r in reqs], np.int64),
+            "top_p": per_row([r.params.top_p for r in reqs], np.float32),
+            "max_tokens": per_row([r.T - 1 for r in reqs], np.int64),
+        })
+        self.rows_sampled += len(tokens)
+        self.rows_rechecked += int(rechecked.sum())  # rows that took the float64 path (filters or thin margin)
+        names = self.decode(tokens)
+        out, i = [], 0
+        for req, n in parts:
+            out.append(self._accept(req, names[i : i + n], logprob[i : i + n]))
+            i += n
+        return out
+
+    def _accept(self, req, names, logprob):
+        prefix, words = req.params.prefix, self.words
+        if prefix:
+            names = [prefix + s for s in names]
+        lps = (logprob.astype(np.float64) + req.prefix_logprob).tolist()
+        samples = [Sample(s, lp, s in words) for s, lp in zip(names, lps)]
+        if req.params.only_new:
+            samples = [s for s in samples if not s.in_training_data]
+        samples = samples[: req.remaining]
+        req.remaining -= len(samples)
+        if req.remaining and req.drawn >= req.max_draws:
+            req.error = GenerationError(
+                f"only_new: found {req.params.num_samples - req.remaining} of {req.params.num_samples} new names "
+                f"in {req.drawn} draws; raise temperature or top_k, or ask for fewer"
+            )
+        return samples
+
+    def decode(self, tokens):
+        """(N, T) token ids -> N strings (up to the first end token)."""
+        codes = np.ascontiguousarray(self._codes[tokens])  # (N, T) uint32
+        return codes.view(f"<U{tokens.shape[1]}").ravel().tolist()
+
+    def generate_iter(self, params, chunk_size=None, max_samples=1_000_000):
+        req = self.request(params, max_samples)
+        chunk = min(chunk_size or self.max_rows, self.max_rows)
+        while not req.done:
+            samples = self.run([(req, req.rows_wanted(chunk))])[0]
+            if req.error:
+                raise req.error
+            yield samples
+
+    def generate(self, params, max_samples=1_000_000):
+        return [s for chunk in self.generate_iter(params, max_samples=max_samples) for s in chunk]
+
+    # ---- scoring ----
+    def _char_logprobs(self, names, end=True):
+        """log P(char | context) for every character of each name (and the end token): list of (len,) arrays."""
+        B = self.block_size
+        ctx, tgt, lens = [], [], []
+        for w in names:
+            ids = [self.stoi[c] for c in w] + ([0] if end else [])
+            padded = [0] * B + ids
+            ctx += [padded[j : j + B] for j in range(len(ids))]
+            tgt += ids
+            lens.append(len(ids))
+        ctx, tgt = np.array(ctx, np.int64).reshape(-1, B), np.array(tgt, np.int64)
+        lp = np.empty(len(tgt), np.float64)
+        for i in range(0, len(tgt), self.max_rows):
+            logits = self.logits_model.run(None, {"context": ctx[i : i + self.max_rows]})[0].astype(np.float64)
+            m = logits.max(1, keepdims=True)
+            logz = m[:, 0] + np.log(np.exp(logits - m).sum(1))
+            lp[i : i + self.max_rows] = logits[np.arange(len(logits)), tgt[i : i + self.max_rows]] - logz
+        return np.split(lp, np.cumsum(lens)[:-1])
+
+    def score(self, names):
+        """-> [(total logprob, per-character logprobs incl. the end token)] for each name."""
+        if not names:
+            raise InvalidArgument("names", "give at least one name")
+        for w in names:
+            bad = sorted(set(w) - set(self.itos[1:]))
+            if not w or bad:
+                why = "is empty" if not w else f"has characters {''.join(bad)!r} outside the vocabulary {self.itos[1:]!r}"
+                raise InvalidArgument("names", f"{w!r} {why}")
+        return [(float(lp.sum()), lp.tolist()) for lp in self._char_logprobs(names)]
+
+    def warmup(self):
+        """Run every path once so the first real request doesn't pay for lazy initialisation."""
+        self.generate(GenerateParams(num_samples=64, seed=0))
+        self.generate(GenerateParams(num_samples=2, seed=0, top_k=3, top_p=0.9))
+        self.score(["a"])

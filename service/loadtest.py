@@ -1,0 +1,320 @@
+"""Closed-loop load generator for the namegen server: `python -m service.loadtest --help`.
+
+    python -m service.loadtest --concurrency 1,8,64 --duration 5 --procs 2
+    python -m service.loadtest --rpc stream --names-per-request 100000 --concurrency 1 --requests 3
+    python -m service.loadtest --target 127.0.0.1:50051,127.0.0.1:50052 --concurrency 64
+
+Each step runs `concurrency` in-flight RPCs (each waits for its answer, then sends the next),
+split over --procs client processes so that one Python client's CPU isn't what is measured.
+The first --warmup seconds of a step are not counted; a step ends after --duration seconds or
+--requests counted requests, whichever comes first, and every RPC has a deadline, so a run is
+bounded in count and time. Several targets are balanced client-side with gRPC's round_robin.
+Only loopback targets are accepted: this tool is for measuring a local server.
+"""
+import argparse
+import asyncio
+import collections
+import ipaddress
+import json
+import multiprocessing
+import sys
+import threading
+import time
+
+import grpc
+
+from service import gen_proto
+
+gen_proto.ensure()
+from service.namegen_pb import namegen_pb2 as pb  # noqa: E402
+from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+MAX_CONCURRENCY = 4096  # in-flight RPCs per step: a load generator, not a flood
+
+
+def channel_target(targets):
+    """'127.0.0.1:1,127.0.0.1:2' -> a gRPC target (ipv4:... list for round_robin), after a loopback check."""
+    hosts = []
+    for t in targets.split(","):
+        host, sep, port = t.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not port.isdigit():
+            raise SystemExit(f"error: target {t!r} is not HOST:PORT")
+        try:
+            ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+        except ValueError:
+            raise SystemExit(f"error: target {t!r}: use a loopback IP address (127.0.0.1)") from None
+        if not ip.is_loopback:
+            raise SystemExit(f"error: target {t!r} is not a loopback address; this tool only loads a local server")
+        hosts.append((ip, int(port)))
+    if len(hosts) == 1:
+        ip, port = hosts[0]
+        return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
+    if any(ip.version != 4 for ip, _ in hosts):
+        raise SystemExit("error: several targets must all be IPv4 (127.0.0.1:PORT,...)")
+    return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in hosts)
+
+
+class Tally:
+    """One client process's measurements: latencies of OK requests, errors by code, names received."""
+
+    def __init__(self, cfg, quota, t_start):
+        self.win_start = t_start + cfg["warmup"]
+        self.win_end = self.win_start + cfg["duration"]
+        self.quota = quota
+        self.lat, self.errors, self.names, self.started = [], collections.Counter(), 0, 0
+        self.last_end = self.win_start
+        base = dict(num_samples=cfg["names"], max_length=cfg["max_length"])
+        if cfg["rpc"] == "stream":
+            base["chunk_size"] = cfg["chunk_size"]
+        if cfg["only_new"]:
+            base["only_new"] = True
+        self.base = base
+        self.fixed = pb.GenerateRequest(seed=cfg["seed"], **base) if cfg["seed"] is not None else None
+        self.seq = iter(range(cfg["seed_base"], 1 << 62))
+
+    def next(self):
+        """(request, counted) for the next call, or None when the step is over."""
+        now = time.monotonic()
+        if now >= self.win_end or (self.quota and self.started >= self.quota):
+            return None
+        counted = now >= self.win_start
+        self.started += counted
+        return self.fixed or pb.GenerateRequest(seed=next(self.seq), **self.base), counted
+
+    def record(self, counted, seconds, names, code):
+        if not counted:
+            return
+        self.last_end = max(self.last_end, time.monotonic())
+        if code is None:
+            self.lat.append(seconds)
+            self.names += names
+        else:
+            self.errors[code] += 1
+
+    def result(self):
+        # A step that ended by --requests is shorter than --duration: rates use the time actually used.
+        span = min(self.last_end, self.win_end) - self.win_start
+        return {"lat": self.lat, "errors": dict(self.errors), "names": self.names, "span": span}
+
+
+def _options(cfg):
+    options = list(CHANNEL_OPTIONS)
+    if cfg["target"].startswith("ipv4:"):
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return options
+
+
+async def _run_aio(cfg, concurrency, quota, t_start):
+    """asyncio client: `concurrency` coroutines on one channel (cheap per RPC at high concurrency)."""
+    tally = Tally(cfg, quota, t_start)
+    async with grpc.aio.insecure_channel(cfg["target"], options=_options(cfg)) as channel:
+        stub = pb_grpc.NameGeneratorStub(channel)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), max(1.0, t_start - time.monotonic() + 5))
+        except asyncio.TimeoutError:
+            return {"lat": [], "errors": {"UNAVAILABLE": 1}, "names": 0, "span": 0.0}
+        generate, stream, timeout = stub.Generate, stub.GenerateStream, cfg["timeout"]
+
+        async def worker():
+            while (item := tally.next()) is not None:
+                req, counted = item
+                t0 = time.perf_counter()
+                n, code = 0, None
+                try:
+                    if cfg["rpc"] == "stream":
+                        async for resp in stream(req, timeout=timeout):
+                            n += len(resp.samples)
+                    else:
+                        n = len((await generate(req, timeout=timeout)).samples)
+                except grpc.aio.AioRpcError as e:
+                    code = e.code().name
+                tally.record(counted, time.perf_counter() - t0, n, code)
+
+        await asyncio.sleep(max(0.0, t_start - time.monotonic()))  # all processes start together
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return tally.result()
+
+
+def _run_sync(cfg, concurrency, quota, t_start):
+    """Blocking client, one thread per in-flight RPC: the lowest latency at low concurrency."""
+    tally = Tally(cfg, quota, t_start)
+    lock = threading.Lock()  # Tally isn't thread-safe; the lock is uncontended next to an RPC
+    with grpc.insecure_channel(cfg["target"], options=_options(cfg)) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=max(1.0, t_start - time.monotonic() + 5))
+        except grpc.FutureTimeoutError:
+            return {"lat": [], "errors": {"UNAVAILABLE": 1}, "names": 0, "span": 0.0}
+        stub = pb_grpc.NameGeneratorStub(channel)
+        generate, stream, timeout = stub.Generate, stub.GenerateStream, cfg["timeout"]
+
+        def worker():
+            time.sleep(max(0.0, t_start - time.monotonic()))
+            while True:
+                with lock:
+                    item = tally.next()
+                if item is None:
+                    return
+                req, counted = item
+                t0 = time.perf_counter()
+                n, code = 0, None
+                try:
+                    if cfg["rpc"] == "stream":
+                        n = sum(len(resp.samples) for resp in stream(req, timeout=timeout))
+                    else:
+                        n = len(generate(req, timeout=timeout).samples)
+                except grpc.RpcError as e:
+                    code = e.code().name
+                dt = time.perf_counter() - t0
+                with lock:
+                    tally.record(counted, dt, n, code)
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return tally.result()
+
+
+def _proc_main(args):
+    cfg, concurrency = args[0], args[1]
+    client = cfg["client"]
+    if client == "auto":  # blocking calls measured faster on a 2-core box up to 64 in flight; asyncio above
+        client = "sync" if concurrency <= 64 else "aio"
+    if client == "sync":
+        return _run_sync(*args)
+    return asyncio.run(_run_aio(*args))
+
+
+def run_step(cfg, concurrency, pool):
+    procs = min(cfg["procs"], concurrency)
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    quotas = [0] * procs
+    if cfg["requests"]:
+        quotas = [max(1, cfg["requests"] * s // concurrency) for s in shares]
+    t_start = time.monotonic() + (1.0 if pool else 0.1)  # time for spawned processes to connect
+    jobs = []
+    for i, (share, quota) in enumerate(zip(shares, quotas)):
+        c = dict(cfg, seed_base=cfg["seed_base"] + i * (1 << 40))  # per-request seeds differ across processes
+        jobs.append((c, share, quota, t_start))
+    results = pool.map(_proc_main, jobs) if pool else [_proc_main(jobs[0])]
+    lat = sorted(x for r in results for x in r["lat"])
+    errors = collections.Counter()
+    for r in results:
+        errors.update(r["errors"])
+    span = max((r["span"] for r in results), default=0.0) or 1e-9
+    n_ok = len(lat)
+
+    def pct(q):  # None (JSON null) when nothing succeeded
+        return 1000 * lat[min(n_ok - 1, int(q * n_ok))] if n_ok else None
+
+    return {
+        "concurrency": concurrency,
+        "requests": n_ok + sum(errors.values()),
+        "ok": n_ok,
+        "seconds": round(span, 3),
+        "rps": n_ok / span,
+        "names_per_s": sum(r["names"] for r in results) / span,
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "max_ms": 1000 * lat[-1] if lat else None,
+        "errors": dict(errors),
+    }
+
+
+HEADER = f"{'conc':>5} {'requests':>9} {'req/s':>9} {'names/s':>11} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  errors"
+
+
+def row(s):
+    errs = ", ".join(f"{k}={v}" for k, v in sorted(s["errors"].items())) or "-"
+    ms = " ".join(f"{'-' if s[k] is None else format(s[k], '.2f'):>8}" for k in ("p50_ms", "p90_ms", "p99_ms"))
+    return f"{s['concurrency']:>5} {s['requests']:>9} {s['rps']:>9.0f} {s['names_per_s']:>11.0f} {ms}  {errs}"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m service.loadtest",
+        description="Closed-loop gRPC load test of the namegen server (loopback targets only).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT, or several comma-separated (round_robin)")
+    ap.add_argument("--rpc", choices=("generate", "stream"), default="generate", help="Generate or GenerateStream")
+    ap.add_argument("--concurrency", default="1", help="in-flight RPCs; a comma list runs a sweep, e.g. 1,8,64")
+    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (upper bound)")
+    ap.add_argument("--requests", type=int, default=0, help="stop a step after this many measured requests; 0 = by time")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds at the start of each step that are not measured")
+    ap.add_argument("--names-per-request", type=int, default=1, help="num_samples of each request")
+    ap.add_argument("--chunk-size", type=int, default=10_000, help="GenerateStream chunk size")
+    ap.add_argument("--max-length", type=int, default=32, help="max_length of each request")
+    ap.add_argument("--only-new", action="store_true", help="set only_new on each request")
+    ap.add_argument("--seed", default="per-request",
+                    help="'per-request' (a different seed for each request) or an integer used by all requests")
+    ap.add_argument("--procs", type=int, default=1, help="client processes to spread the concurrency over")
+    ap.add_argument("--client", choices=("auto", "aio", "sync"), default="auto",
+                    help="blocking calls from one thread per in-flight RPC, or grpc.aio coroutines; auto = "
+                         "threads up to 64 in flight per process (lower latency), asyncio above")
+    ap.add_argument("--timeout", type=float, default=30.0, help="deadline of each RPC in seconds")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        args.levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency: expected integers like 1,8,64, got {args.concurrency!r}")
+    if any(not 1 <= c <= MAX_CONCURRENCY for c in args.levels) or not 1 <= args.procs <= 64:
+        ap.error(f"--concurrency must be in [1, {MAX_CONCURRENCY}] and --procs in [1, 64]")
+    if args.duration <= 0 or args.names_per_request < 1:
+        ap.error("--duration must be > 0 and --names-per-request >= 1")
+    if args.seed != "per-request":
+        try:
+            args.seed = int(args.seed)
+        except ValueError:
+            ap.error("--seed: 'per-request' or an integer")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = {
+        "target": channel_target(args.target),
+        "rpc": args.rpc,
+        "names": args.names_per_request,
+        "chunk_size": args.chunk_size,
+        "max_length": args.max_length,
+        "only_new": args.only_new,
+        "seed": None if args.seed == "per-request" else args.seed,
+        "seed_base": int(time.time() * 1000) % (1 << 40),
+        "warmup": args.warmup,
+        "duration": args.duration,
+        "requests": args.requests,
+        "timeout": args.timeout,
+        "procs": args.procs,
+        "client": args.client,
+    }
+    print(f"# {args.rpc} x{args.names_per_request} names -> {cfg['target']}, procs={args.procs}, "
+          f"warmup={args.warmup:g}s, duration<={args.duration:g}s" + (f", requests<={args.requests}" if args.requests else ""))
+    print(HEADER, flush=True)
+    steps = []
+    # spawn, not fork: a forked gRPC client is unsafe, and workers must not inherit the parent's state.
+    pool = multiprocessing.get_context("spawn").Pool(args.procs) if args.procs > 1 else None
+    try:
+        for c in args.levels:
+            s = run_step(cfg, c, pool)
+            steps.append(s)
+            print(row(s), flush=True)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if pool:
+            pool.terminate()
+    if args.json:
+        out = {"config": {k: v for k, v in cfg.items() if k != "seed_base"}, "steps": steps}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 1 if any(s["ok"] == 0 for s in steps) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

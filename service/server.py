@@ -1,0 +1,170 @@
+"""gRPC server: `python -m service.server --help`.
+
+Start-up order, and why: load the model first (a missing or corrupt file exits non-zero with one
+line, before a port is taken), bind and start with health NOT_SERVING, warm up, then SERVING. On
+SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish within --grace seconds,
+exit 0. A second signal cuts the drain short.
+"""
+import argparse
+import asyncio
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from service.batcher import Batcher
+from service.engine import Engine, ModelFileError, ProviderError
+from service.metrics import Metrics, rss_report
+from service.servicer import NameGeneratorServicer, pb, pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NameGenerator"].full_name
+MiB = 1 << 20
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m service.server",
+        description="Serve the namegen model over gRPC (namegen.v1.NameGenerator, health, reflection).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--model-dir", default="artifacts", help="folder with sampler.onnx and model.onnx")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
+    ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="ONNX Runtime execution provider; auto = cuda when it loads, else cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="ONNX Runtime intra-op threads (0 = one per core); 1 leaves a core to the event loop, "
+                         "which is faster on small machines")
+    ap.add_argument("--max-batch-rows", type=int, default=4096,
+                    help="most names drawn in one model run across batched requests; 0 disables batching")
+    ap.add_argument("--no-batching", action="store_true", help="same as --max-batch-rows 0")
+    ap.add_argument("--max-wait-ms", type=float, default=1.0,
+                    help="under concurrent load, wait at most this long for a batch to fill "
+                         "(a lone request never waits)")
+    ap.add_argument("--inline-rows", type=int, default=16,
+                    help="without concurrent traffic, a lone request of at most this many names runs on the event "
+                         "loop thread instead of the engine thread (saves two thread hand-offs); 0 = never")
+    ap.add_argument("--max-queue", type=int, default=1024,
+                    help="most requests pending (queued or being served); more get RESOURCE_EXHAUSTED")
+    ap.add_argument("--max-samples", type=int, default=100_000, help="most names per Generate (and per Score)")
+    ap.add_argument("--max-stream-samples", type=int, default=10_000_000, help="most names per GenerateStream")
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host; 0 = off")
+    ap.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight RPCs finish on SIGTERM")
+    args = ap.parse_args(argv)
+    if args.no_batching:
+        args.max_batch_rows = 0
+    for name in ("max_queue", "max_samples", "max_stream_samples"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def load_engine(args):
+    """The Engine, or exit 2 with a one-line reason (no traceback)."""
+    try:
+        return Engine(args.model_dir, provider=args.provider, threads=args.threads)
+    except (ModelFileError, ProviderError) as e:
+        msg = str(e)
+    except Exception as e:  # noqa: BLE001 - anything the engine didn't classify is still one line
+        msg = f"cannot load the model from {args.model_dir}: {type(e).__name__}: {e}"
+    first = msg.strip().splitlines()[0] if msg.strip() else "unknown error"
+    print(f"error: {first}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+async def serve(args, engine):
+    loop = asyncio.get_running_loop()
+    metrics = Metrics()
+    batcher = Batcher(engine, args.max_batch_rows, args.max_wait_ms, args.max_queue, metrics, args.inline_rows)
+    servicer = NameGeneratorServicer(engine, batcher, metrics, args.max_samples, args.max_stream_samples)
+    server = grpc.aio.server(
+        options=[
+            # A Generate of max_samples names of up to 64 characters, with room to spare; a stream
+            # chunk is smaller still. Receives carry at most max_samples names to Score.
+            ("grpc.max_send_message_length", 64 * MiB),
+            ("grpc.max_receive_message_length", 16 * MiB),
+            ("grpc.so_reuseport", 0),  # a port in use must fail, not silently share
+        ]
+    )
+    pb_grpc.add_NameGeneratorServicer_to_server(servicer, server)
+    health = HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError:
+        port = 0
+    if not port:
+        print(f"error: cannot listen on {args.host}:{args.port} (in use or not a local address)", file=sys.stderr)
+        return 1
+    await server.start()
+    batcher.start()
+    print(f"listening on {args.host}:{port}", flush=True)
+    if args.metrics_port:
+        try:
+            mport = metrics.serve(args.metrics_port, args.host)
+        except OSError as e:
+            print(f"error: cannot serve metrics on {args.host}:{args.metrics_port}: {e.strerror}", file=sys.stderr)
+            await server.stop(0)
+            await batcher.close()
+            return 1
+        print(f"metrics on http://{args.host}:{mport}/metrics", flush=True)
+
+    metrics.queue_depth.set_function(lambda: batcher.pending)
+    try:
+        await batcher.call(engine.warmup)
+    except Exception as e:  # noqa: BLE001 - a model that loads but can't run: one line, non-zero exit
+        print(f"error: warm-up failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr, flush=True)
+        await server.stop(0)
+        await batcher.close()
+        return 1
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(f"serving (provider {engine.provider})", flush=True)
+
+    stop = asyncio.Event()
+    signals = []
+
+    def on_signal(signame):
+        signals.append(signame)
+        if len(signals) == 1:
+            stop.set()
+        else:  # second signal: don't wait out the grace period
+            print(f"{signame} again: cancelling in-flight RPCs", flush=True)
+            loop.create_task(server.stop(0))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await stop.wait()
+    print(f"{signals[0]}: NOT_SERVING, draining in-flight RPCs (up to {args.grace:g}s)", flush=True)
+    await health.enter_graceful_shutdown()
+    await server.stop(args.grace)
+    await batcher.close()
+    print(f"stopped; {rss_report()}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    settings = " ".join(f"{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items()) if k != "no_batching")
+    print(f"settings: {settings}", flush=True)
+    engine = load_engine(args)
+    info = engine.info
+    print(
+        f"model: {args.model_dir} provider={engine.provider} params={info.num_params} vocab={len(info.vocab)} "
+        f"block_size={info.block_size} max_rows={engine.max_rows} sha256={info.checkpoint_sha256[:12]}",
+        flush=True,
+    )
+    return asyncio.run(serve(args, engine))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The NameGenerator servicer: request -> GenerateParams -> engine/batcher -> response.
+
+Thin on purpose: validation lives in service.params, numerics in service.engine, scheduling in
+service.batcher. Every handler maps domain errors to gRPC status codes, so no exception reaches
+grpc (which would turn it into UNKNOWN) and none can stop the server:
+
+  InvalidArgument  -> INVALID_ARGUMENT   (the message starts with the field's name)
+  QueueFull        -> RESOURCE_EXHAUSTED (back off and retry)
+  DeadlineExceeded -> DEADLINE_EXCEEDED (it expired while queued; usually grpc has cancelled it first)
+  GenerationError  -> FAILED_PRECONDITION (a valid request this model can't satisfy, e.g. only_new
+                      found too few new names within its draw budget; retrying won't help)
+  anything else    -> INTERNAL (traceback to the server's stderr)
+"""
+import asyncio
+import json
+import sys
+import time
+import traceback
+
+import grpc
+from google.protobuf import struct_pb2
+
+from service import gen_proto
+from service.batcher import DeadlineExceeded, QueueFull
+from service.engine import GenerationError
+from service.params import MAX_LENGTH_LIMIT, GenerateParams, InvalidArgument
+
+gen_proto.ensure()
+from service.namegen_pb import namegen_pb2 as pb  # noqa: E402
+from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
+
+DEFAULT_CHUNK = 10_000  # GenerateStream names per message unless the request says otherwise
+MAX_CHUNK = 100_000
+UNARY_CHUNK = 4096  # a larger Generate is drawn in chunks of this many, pipelined with building the reply
+PARAM_FIELDS = frozenset(GenerateParams.__dataclass_fields__)
+
+
+def status_of(exc):
+    """(grpc.StatusCode, message) for an exception raised while serving a request."""
+    if isinstance(exc, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, GenerationError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    print("internal error while serving a request:", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def params_of(request):
+    """GenerateRequest -> (GenerateParams, chunk_size or None): unset fields keep their defaults."""
+    fields = {d.name: v for d, v in request.ListFields()}
+    chunk = fields.pop("chunk_size", None)
+    return GenerateParams(**{k: v for k, v in fields.items() if k in PARAM_FIELDS}), chunk
+
+
+def response_of(samples, seed):
+    resp = pb.GenerateResponse(seed=seed)
+    add = resp.samples.add  # the fastest way to build many submessages with upb (~1.3 us each)
+    for s in samples:
+        add(name=s.name, logprob=s.logprob, in_training_data=s.in_training_data)
+    return resp
+
+
+def _struct(d):
+    s = struct_pb2.Struct()
+    s.update(json.loads(json.dumps(d or {}, default=str)))  # Struct wants plain JSON values
+    return s
+
+
+class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
+    def __init__(self, engine, batcher, metrics=None, max_samples=100_000, max_stream_samples=10_000_000):
+        self.engine = engine
+        self.batcher = batcher
+        self.metrics = metrics
+        self.max_samples = max_samples
+        self.max_stream_samples = max_stream_samples
+        info = engine.info
+        self._info = pb.ModelInfo(
+            vocab=info.vocab,
+            block_size=info.block_size,
+            config=_struct(info.config),
+            metrics=_struct(info.metrics),
+            checkpoint_sha256=info.checkpoint_sha256,
+            provider=info.provider,
+            num_params=info.num_params,
+            max_samples=max_samples,
+            max_stream_samples=max_stream_samples,
+            max_length_limit=MAX_LENGTH_LIMIT,
+        )
+
+    def _done(self, method, code, t0, names=0):
+        m = self.metrics
+        if m is not None:
+            m.observe_rpc(method, code, time.perf_counter() - t0)
+            if names:
+                m.names.inc(names)
+
+    async def Generate(self, request, context):
+        t0, code = time.perf_counter(), "OK"
+        try:
+            params, _ = params_of(request)
+            req = self.engine.request(params, self.max_samples)
+            if req.remaining <= UNARY_CHUNK:  # the common case, kept short
+                resp = response_of(await self.batcher.submit(req, req.remaining, context.time_remaining()),
+                                   req.params.seed)
+            else:  # build the message from chunk k while the engine draws chunk k+1
+                resp = pb.GenerateResponse(seed=req.params.seed)
+                add = resp.samples.add
+                async for out in self._chunks(req, UNARY_CHUNK, context):
+                    for s in out:
+                        add(name=s.name, logprob=s.logprob, in_training_data=s.in_training_data)
+            self._done("Generate", code, t0, len(resp.samples))
+            return resp
+        except asyncio.CancelledError:  # client cancelled or its deadline passed: nobody to answer
+            self._done("Generate", "CANCELLED", t0)
+            raise
+        except Exception as e:  # noqa: BLE001 - every error becomes a status
+            status, msg = status_of(e)
+            self._done("Generate", status.name, t0)
+            await context.abort(status, msg)
+
+    async def GenerateStream(self, request, context):
+        t0, code, sent = time.perf_counter(), "OK", 0
+        try:
+            params, chunk = params_of(request)
+            chunk = DEFAULT_CHUNK if chunk is None else chunk
+            if not 1 <= chunk <= MAX_CHUNK:
+                raise InvalidArgument("chunk_size", f"must be in [1, {MAX_CHUNK}], got {chunk}")
+            req = self.engine.request(params, self.max_stream_samples)
+            seed = req.params.seed
+            async for out in self._chunks(req, chunk, context):
+                sent += len(out)
+                yield response_of(out, seed)
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+            code = "CANCELLED"
+            raise
+        except Exception as e:  # noqa: BLE001
+            status, msg = status_of(e)
+            code = status.name
+            await context.abort(status, msg)
+        finally:
+            self._done("GenerateStream", code, t0, sent)
+
+    async def _chunks(self, req, chunk, context):
+        """The request's names in lists of `chunk`, drawing one chunk ahead.
+
+        The engine draws chunk k+1 while chunk k is serialised and sent; chunk k+2 is only asked
+        for once grpc took chunk k (its flow control waits for the client), so a stream holds
+        about two chunks however long it is. Chunks are drawn one after another from the same
+        Request, so the names come in the same order as from Generate with the same seed.
+        """
+        admitted = False
+
+        def fetch():
+            nonlocal admitted
+            if req.done:
+                return None
+            rows = min(chunk, req.remaining)
+            task = asyncio.ensure_future(self.batcher.submit(req, rows, context.time_remaining(), admitted))
+            admitted = True  # only the first chunk can be turned away (RESOURCE_EXHAUSTED)
+            return task
+
+        carry = []  # only_new may hand back a few names more than asked for; they lead the next chunk
+        pending = fetch()
+        try:
+            while pending is not None:
+                carry += await pending
+                pending = fetch()
+                while len(carry) >= chunk or (pending is None and carry):
+                    out, carry = carry[:chunk], carry[chunk:]
+                    yield out
+        finally:
+            if pending is not None:  # cancelled or failed: stop drawing for it
+                pending.cancel()
+
+    async def Score(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            names = list(request.names)
+            if not names:
+                raise InvalidArgument("names", "must contain at least one name")
+            if len(names) > self.max_samples:
+                raise InvalidArgument("names", f"at most {self.max_samples} names per request, got {len(names)}")
+            scores = await self.batcher.call(self.engine.score, names)
+            resp = pb.ScoreResponse()
+            add = resp.scores.add
+            for name, (total, per) in zip(names, scores):
+                add(name=name, logprob=total, char_logprobs=per)
+            self._done("Score", "OK", t0)
+            return resp
+        except asyncio.CancelledError:
+            self._done("Score", "CANCELLED", t0)
+            raise
+        except Exception as e:  # noqa: BLE001
+            status, msg = status_of(e)
+            self._done("Score", status.name, t0)
+            await context.abort(status, msg)
+
+    async def GetModelInfo(self, request, context):
+        self._done("GetModelInfo", "OK", time.perf_counter())
+        return self._info

@@ -1,0 +1,130 @@
+"""Fixtures and helpers for tests/test_service.py: real servers as subprocesses on 127.0.0.1.
+
+The model comes from tests/conftest.py's session fixture `tiny_model_dir`, or from
+$NAMEGEN_TEST_MODEL_DIR when set (to iterate on the service tests against a model you already have).
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60  # seconds for a server to load, bind and warm up on a busy 2-core box
+
+
+class ServerProcess:
+    """`python -m service.server` in a subprocess; stdout and stderr are collected by threads."""
+
+    def __init__(self, model_dir, *args):
+        self.cmd = [sys.executable, "-m", "service.server", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+                    "--port", "0", "--provider", "cpu", *map(str, args)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.stdout, self.stderr = [], []
+        self.port = None
+        self._listening = threading.Event()
+        self._threads = [threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True),
+                         threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, stream, lines):
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("listening on "):
+                self.port = int(line.rsplit(":", 1)[1])
+                self._listening.set()
+        self._listening.set()  # EOF: the process ended (wait_listening then reports why)
+
+    @property
+    def target(self):
+        return f"127.0.0.1:{self.port}"
+
+    def wait_listening(self, timeout=START_TIMEOUT):
+        self._listening.wait(timeout)
+        if self.port is None:
+            self.stop(timeout=5)
+            raise RuntimeError(f"server did not start: rc={self.proc.poll()} stderr={self.stderr[-5:]}")
+        return self
+
+    def wait_serving(self, timeout=START_TIMEOUT):
+        """Wait until the health service says SERVING (after the model's warm-up)."""
+        self.wait_listening(timeout)
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=5, wait_for_ready=True)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"server not SERVING: rc={self.proc.poll()} stderr={self.stderr[-5:]}")
+                time.sleep(0.05)
+
+    def signal(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=60):
+        rc = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(5)
+        return rc
+
+    def stop(self, timeout=30):
+        """SIGTERM and wait; SIGKILL if it doesn't exit in time. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.wait(timeout)
+
+
+@pytest.fixture(scope="session")
+def model_dir(request):
+    env = os.environ.get("NAMEGEN_TEST_MODEL_DIR")
+    if env:
+        return Path(env)
+    return Path(request.getfixturevalue("tiny_model_dir"))
+
+
+def start_server(model_dir, *args):
+    """A SERVING server subprocess (stop() it when done)."""
+    return ServerProcess(model_dir, *args).wait_serving()
+
+
+def free_port():
+    """A port that was free a moment ago (the server has no ephemeral option for --metrics-port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """The shared server of the module: small batches so that requests get chunked and interleaved."""
+    s = start_server(model_dir, "--max-batch-rows", 512, "--max-samples", 200_000,
+                     "--max-stream-samples", 2_000_000, "--max-wait-ms", 1, "--metrics-port", free_port())
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(server.target, options=options) as ch:
+        yield ch

@@ -1,0 +1,69 @@
+"""Data: obtaining names.txt, and clear one-line errors for bad word lists."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.names import NAMES_SHA256, DataError, default_names_path, load_words, resolve_data_path, sha256_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_names_verified(words):
+    path = default_names_path(download=False)
+    assert sha256_of(path) == NAMES_SHA256
+    assert len(words) == 32033 and words[0] == "emma"
+
+
+def test_wrong_checksum_is_rejected(tmp_path, monkeypatch):
+    bad = tmp_path / "names.txt"
+    bad.write_text("emma\nolivia\n")
+    monkeypatch.setenv("NAMES_TXT", str(bad))
+    with pytest.raises(DataError, match="sha256"):
+        default_names_path()
+
+
+def test_names_txt_env_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAMES_TXT", str(tmp_path / "nope.txt"))
+    with pytest.raises(DataError, match="NAMES_TXT"):
+        default_names_path()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "no words"),
+        (b"\n  \n\t\n", "no words"),
+        (b"emma\n\xff\xfeolivia\n", "not valid UTF-8.*line 2"),
+        (b"emma\nst.john\n", "reserved"),
+    ],
+)
+def test_bad_word_lists(tmp_path, content, match):
+    f = tmp_path / "words.txt"
+    f.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        load_words(f)
+
+
+def test_other_word_list_and_blank_lines(tmp_path):
+    f = tmp_path / "words.txt"
+    f.write_text("zoë\n\n  ana \n")
+    assert load_words(f) == ["zoë", "ana"]
+
+
+def test_missing_data_path():
+    with pytest.raises(DataError, match="no such file"):
+        resolve_data_path("/nonexistent/words.txt")
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\xff\xff\n"])
+def test_train_cli_bad_data_one_line_error(tmp_path, content):
+    path = tmp_path / "words.txt"
+    if content is not None:
+        path.write_bytes(content)
+    r = subprocess.run([sys.executable, "-m", "trainer.train", "--data", str(path), "--out-dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in r.stderr

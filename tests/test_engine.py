@@ -1,0 +1,163 @@
+"""Engine: seeds, batching independence, chunking, only_new, scoring, validation, providers, bad files."""
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.engine import Engine, GenerationError, ModelFileError, ProviderError
+from service.params import MAX_LENGTH_LIMIT, GenerateParams, InvalidArgument
+
+P = GenerateParams
+
+
+def names(samples):
+    return [s.name for s in samples]
+
+
+def test_same_seed_same_names_whatever_the_batch(cpu_engine):
+    alone = names(cpu_engine.generate(P(num_samples=20, seed=7)))
+    assert alone == names(cpu_engine.generate(P(num_samples=20, seed=7)))
+    assert alone != names(cpu_engine.generate(P(num_samples=20, seed=8)))
+    # Same request split over two runs and mixed with other requests with other settings.
+    r = cpu_engine.request(P(num_samples=20, seed=7))
+    others = [cpu_engine.request(P(num_samples=30, seed=s, temperature=1.5, top_k=4, prefix="b", max_length=40)) for s in (1, 2)]
+    first = cpu_engine.run([(others[0], 30), (r, 5), (others[1], 10)])[1]
+    second = cpu_engine.run([(r, 15), (others[1], 20)])[0]
+    assert names(first + second) == alone and r.done
+
+
+def test_chunking_is_invisible(tiny_model_dir, cpu_engine):
+    small = Engine(tiny_model_dir, provider="cpu", max_rows=7)
+    p = P(num_samples=100, seed=5, prefix="a")
+    a, b = small.generate(p), cpu_engine.generate(p)
+    assert names(a) == names(b) and np.allclose([s.logprob for s in a], [s.logprob for s in b])
+    chunks = list(small.generate_iter(p, chunk_size=30))
+    assert [len(c) for c in chunks] == [7] * 14 + [2]
+
+
+@pytest.mark.parametrize("max_length", [64, 4])  # 4: most names are cut, and the end token is forced there
+def test_logprob_equals_score(cpu_engine, max_length):
+    samples = cpu_engine.generate(P(num_samples=50, seed=1, prefix="ma", max_length=max_length))
+    assert all(len(s.name) <= max_length for s in samples)
+    scores = cpu_engine.score([s.name for s in samples])
+    for s, (total, per_char) in zip(samples, scores):
+        assert s.logprob == pytest.approx(total, abs=1e-4)
+        assert len(per_char) == len(s.name) + 1 and total == pytest.approx(sum(per_char))
+
+
+def test_score_prefers_real_names(cpu_engine):
+    (real, _), (junk, _) = cpu_engine.score(["emma", "qxzqj"])
+    assert real > junk and real < 0
+
+
+def test_only_new_and_training_flag(cpu_engine):
+    words = cpu_engine.words
+    plain = cpu_engine.generate(P(num_samples=300, seed=2))
+    assert all(s.in_training_data == (s.name in words) for s in plain)
+    assert any(s.in_training_data for s in plain)
+    new = cpu_engine.generate(P(num_samples=300, seed=2, only_new=True))
+    assert len(new) == 300 and not any(s.in_training_data for s in new)
+    # The new names are the plain stream's new names, in order (same seed, same uniforms).
+    assert names(new)[:10] == [s.name for s in plain if not s.in_training_data][:10]
+
+
+def test_only_new_gives_up_clearly(cpu_engine):
+    greedy = cpu_engine.generate(P(num_samples=1, top_k=1, seed=0))[0]
+    if greedy.in_training_data:  # greedy decoding always gives the same (known) name
+        with pytest.raises(GenerationError, match="only_new"):
+            cpu_engine.generate(P(num_samples=2, top_k=1, seed=0, only_new=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(num_samples=0), "num_samples"),
+        (dict(num_samples=10**7), "num_samples"),
+        (dict(num_samples=1.5), "num_samples"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=28), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=math.nan), "top_p"),
+        (dict(prefix="Ab"), "prefix"),
+        (dict(prefix="a.b"), "prefix"),
+        (dict(prefix="abcdef", max_length=5), "prefix"),
+        (dict(max_length=0), "max_length"),
+        (dict(max_length=MAX_LENGTH_LIMIT + 1), "max_length"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**64), "seed"),
+    ],
+)
+def test_invalid_arguments_name_the_field(cpu_engine, kwargs, field):
+    with pytest.raises(InvalidArgument) as e:
+        cpu_engine.request(P(**kwargs), max_samples=1_000_000)
+    assert e.value.field == field and str(e.value).startswith(field + ":")
+
+
+def test_invalid_score_names(cpu_engine):
+    for bad in ([], [""], ["Emma"], ["em.ma"]):
+        with pytest.raises(InvalidArgument, match="names"):
+            cpu_engine.score(bad)
+
+
+def test_random_seed_is_reported(cpu_engine):
+    r = cpu_engine.request(P(num_samples=3))
+    assert r.params.seed is not None
+    again = cpu_engine.generate(P(num_samples=3, seed=r.params.seed))
+    assert names(cpu_engine.run([(r, 3)])[0]) == names(again)
+
+
+def test_missing_and_corrupt_model_files(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelFileError, match="not found"):
+        Engine(tmp_path)
+    for name in ("sampler.onnx", "model.onnx"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    (tmp_path / "sampler.onnx").write_bytes(b"\x08\x01garbage" * 100)
+    with pytest.raises(ModelFileError, match="sampler.onnx"):
+        Engine(tmp_path, provider="cpu")
+
+
+
+
+def _cuda_available(tiny_model_dir):
+    try:
+        Engine(tiny_model_dir, provider="cuda")
+        return True
+    except ProviderError:
+        return False
+
+
+def test_provider_selection(tiny_model_dir):
+    assert Engine(tiny_model_dir, provider="cpu").provider == "cpu"
+    auto = Engine(tiny_model_dir, provider="auto")
+    assert auto.provider in ("cpu", "cuda")
+    if auto.provider == "cpu":
+        # No usable CUDA here: asking for it is a clear error, never a silent fallback.
+        with pytest.raises(ProviderError, match="provider=cuda"):
+            Engine(tiny_model_dir, provider="cuda")
+    with pytest.raises(ProviderError, match="auto, cpu or cuda"):
+        Engine(tiny_model_dir, provider="tpu")
+
+
+@pytest.mark.cuda
+def test_cuda_parity(tiny_model_dir, tiny_checkpoint):
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not _cuda_available(tiny_model_dir):
+        pytest.skip("no CUDA execution provider loads on this machine")
+    from export.reference import reference_generate
+
+    model, vocab, ckpt = tiny_checkpoint
+    gpu = Engine(tiny_model_dir, provider="cuda")
+    for setting in (dict(), dict(temperature=0.7, top_k=5, prefix="ma"), dict(top_p=0.9)):
+        p = P(num_samples=2000, seed=11, **setting)
+        assert names(gpu.generate(p)) == [n for n, _ in reference_generate(model, vocab, p, ckpt["words"])]
+
+
+def test_prefix_filling_max_length(cpu_engine):
+    got = cpu_engine.generate(P(num_samples=3, seed=0, prefix="anna", max_length=4))
+    assert names(got) == ["anna"] * 3
+    assert got[0].logprob == pytest.approx(cpu_engine.score(["anna"])[0][0], abs=1e-4)  # the end is forced there

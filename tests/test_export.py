@@ -1,0 +1,145 @@
+"""Export: BatchNorm folding, ONNX artifacts and metadata, and exact parity of the compiled sampler."""
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.fold import fold_batchnorm, max_logit_diff
+from export.reference import reference_generate
+from service.params import GenerateParams
+from trainer.dataset import build_examples
+from trainer.model import MLP, ModelConfig
+from trainer.sampling import sample_reference
+
+
+def test_fold_matches_unfolded_on_val(tiny_checkpoint, splits):
+    model, vocab, _ = tiny_checkpoint
+    X, _ = build_examples(splits["val"], vocab, model.cfg.block_size)
+    assert max_logit_diff(model, fold_batchnorm(model), X) <= 1e-5
+
+
+def test_fold_deep_model_with_nontrivial_statistics():
+    torch.manual_seed(0)
+    m = MLP(ModelConfig(n_layers=3, n_hidden=32))
+    X = torch.randint(0, 27, (256, 3))
+    m.train()
+    for bn in m.batchnorms():
+        bn.momentum = 0.5
+        torch.nn.init.uniform_(bn.weight, 0.5, 2.0)
+        torch.nn.init.uniform_(bn.bias, -1, 1)
+    for _ in range(3):
+        m(X)
+    m.eval()
+    assert max_logit_diff(m, fold_batchnorm(m), X) <= 1e-5
+    assert not m.training  # folding doesn't change the model's mode
+
+
+def test_onnx_artifacts_and_metadata(tiny_model_dir, tiny_checkpoint):
+    model, vocab, ckpt = tiny_checkpoint
+    for name in ("model.onnx", "sampler.onnx"):
+        m = onnx.load(tiny_model_dir / name)
+        onnx.checker.check_model(m, full_check=True)
+        props = {p.key: p.value for p in m.metadata_props}
+        meta = json.loads(props["namegen"])
+        assert meta["vocab"] == vocab.itos and meta["block_size"] == model.cfg.block_size
+        assert meta["config"] == ckpt["model_config"] and meta["metrics"]["val_loss"] == ckpt["metrics"]["val_loss"]
+        import hashlib
+
+        assert meta["checkpoint_sha256"] == hashlib.sha256((tiny_model_dir / "model.pt").read_bytes()).hexdigest()
+        assert props["words"].split("\n") == ckpt["words"]
+
+
+def test_onnx_logits_parity(cpu_engine, tiny_checkpoint, splits):
+    model, vocab, _ = tiny_checkpoint
+    X, _ = build_examples(splits["val"], vocab, model.cfg.block_size)
+    got = cpu_engine.logits_model.run(None, {"context": X.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(X).numpy()).max() <= 1e-5
+
+
+SETTINGS = [
+    dict(),
+    dict(temperature=0.5),
+    dict(temperature=2.0, max_length=6),
+    dict(top_k=1),
+    dict(top_k=3, temperature=1.3),
+    dict(top_p=0.5),
+    dict(top_k=10, top_p=0.8, temperature=0.8),
+    dict(prefix="mar"),
+    dict(prefix="xz", top_k=5),
+    dict(prefix="abcdefgh", max_length=9),  # prefix longer than block_size; at most 1 more character
+    dict(max_length=1),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=[json.dumps(s) for s in SETTINGS])
+@pytest.mark.parametrize("seed", [0, 12345])
+def test_sampler_exact_parity(cpu_engine, tiny_checkpoint, setting, seed):
+    model, vocab, ckpt = tiny_checkpoint
+    p = GenerateParams(num_samples=400, seed=seed, **setting)
+    got = cpu_engine.generate(p)
+    ref = reference_generate(model, vocab, p, ckpt["words"])
+    assert [s.name for s in got] == [r[0] for r in ref]
+    assert np.allclose([s.logprob for s in got], [r[1] for r in ref], atol=1e-4)
+    assert all(s.name.startswith(p.prefix) and len(s.name) <= p.max_length for s in got)
+
+
+def test_top_k_1_is_greedy(cpu_engine, tiny_checkpoint):
+    model, vocab, _ = tiny_checkpoint
+    for prefix in ("", "k", "jo"):
+        ctx = ([0] * model.cfg.block_size + vocab.encode(prefix))[-model.cfg.block_size :]
+        name = prefix
+        with torch.no_grad():
+            for _ in range(32 - len(prefix)):
+                ix = model(torch.tensor([ctx])).argmax(1).item()
+                if ix == 0:
+                    break
+                name += vocab.itos[ix]
+                ctx = ctx[1:] + [ix]
+        got = {s.name for s in cpu_engine.generate(GenerateParams(num_samples=50, seed=3, top_k=1, prefix=prefix))}
+        assert got == {name}
+
+
+def test_sampler_graph_vs_spec_on_random_rows(cpu_engine, tiny_checkpoint):
+    """Per-row settings mixed inside one batch, straight through the graph."""
+    model, _, _ = tiny_checkpoint
+    rng = np.random.default_rng(0)
+    N, T = 3000, 12
+    feeds = {
+        "context": rng.integers(0, 27, (N, model.cfg.block_size)).astype(np.int64),
+        "uniforms": rng.random((N, T), dtype=np.float32),
+        "temperature": rng.choice([0.3, 1.0, 1.7], N).astype(np.float32),
+        "top_k": rng.choice([0, 1, 4, 27], N).astype(np.int64),
+        "top_p": rng.choice([1.0, 0.95, 0.3], N).astype(np.float32),
+        "max_tokens": rng.integers(0, T + 1, N).astype(np.int64),
+    }
+    tokens, logprob, rechecked = cpu_engine.sampler.run(None, feeds)
+    rt, rl = sample_reference(model, *(torch.from_numpy(feeds[k]) for k in feeds))
+    assert (tokens == rt.numpy()).all()
+    assert np.allclose(logprob, rl.numpy(), atol=1e-4)
+    assert (tokens[feeds["max_tokens"] == 0] == 0).all()
+    # Rows with filters always take the exact float64 path; unfiltered ones only near a CDF boundary.
+    filtered = (feeds["top_k"] > 0) | (feeds["top_p"] < 1)
+    assert rechecked[filtered & (feeds["max_tokens"] > 0)].all() and rechecked[~filtered].mean() < 0.2
+
+
+def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint):
+    """Uniforms placed on either side of a CDF boundary must be rechecked in float64, and match the spec."""
+    model, _, _ = tiny_checkpoint
+    N = 64
+    ctx = torch.zeros(N, model.cfg.block_size, dtype=torch.long)
+    with torch.no_grad():
+        cdf = torch.cumsum(torch.softmax(copy.deepcopy(model).double()(ctx[:1]), 1), 1)[0]  # float64, like the spec
+    boundary = np.float32(cdf[3].item())
+    u = np.full((N, 1), boundary, np.float32)
+    u[: N // 2, 0] = np.nextafter(boundary, np.float32(0))  # one float32 step below the boundary
+    feeds = {"context": ctx.numpy(), "uniforms": u, "temperature": np.ones(N, np.float32),
+             "top_k": np.zeros(N, np.int64), "top_p": np.ones(N, np.float32), "max_tokens": np.ones(N, np.int64)}
+    tokens, _, rechecked = cpu_engine.sampler.run(None, feeds)
+    assert rechecked.all()
+    rt, _ = sample_reference(model, *(torch.from_numpy(feeds[k]) for k in feeds))
+    assert (tokens == rt.numpy()).all()
+    assert set(tokens[:, 0].tolist()) <= {3, 4}

@@ -1,0 +1,435 @@
+"""The gRPC service end to end: real servers (subprocesses) on 127.0.0.1 with ephemeral ports.
+
+No timing assertions: deadlines and overload are provoked with margins of orders of magnitude.
+"""
+import math
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service import gen_proto
+from tests.service_fixtures import ROOT, ServerProcess, channel, model_dir, server, start_server  # noqa: F401
+
+gen_proto.ensure()
+from service.namegen_pb import namegen_pb2 as pb  # noqa: E402
+from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
+
+SERVICE = "namegen.v1.NameGenerator"
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return pb_grpc.NameGeneratorStub(channel)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model_dir):
+    """(model, vocab, checkpoint dict) of the served model, for the torch reference."""
+    from trainer.checkpoint import load_checkpoint
+
+    path = model_dir / "model.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} not found: no checkpoint beside the exported model")
+    return load_checkpoint(path)
+
+
+def gen(stub, **kw):
+    return stub.Generate(pb.GenerateRequest(**kw), timeout=60)
+
+
+def names_of(resp):
+    return [s.name for s in resp.samples]
+
+
+def assert_healthy(channel, stub):
+    r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+    assert r.status == health_pb2.HealthCheckResponse.SERVING
+    assert len(gen(stub, num_samples=2, seed=1).samples) == 2
+
+
+# ---- every RPC ----
+
+def test_generate(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    r = gen(stub, num_samples=20, seed=7)
+    assert r.seed == 7 and len(r.samples) == 20
+    for s in r.samples:
+        assert set(s.name) <= set(info.vocab[1:]) and len(s.name) <= 32
+        assert s.logprob < 0
+    assert names_of(gen(stub, num_samples=20, seed=7)) == names_of(r)  # same seed, same names
+
+
+def test_generate_defaults_draw_a_seed(stub):
+    a, b = gen(stub), gen(stub)
+    assert len(a.samples) == 1 and len(b.samples) == 1
+    assert a.seed != b.seed  # the server drew (and reported) a fresh seed each time
+    assert names_of(gen(stub, seed=a.seed)) == names_of(a)  # the reported seed reproduces the names
+
+
+def test_generate_options(stub, checkpoint):
+    words = set(checkpoint[2]["words"])
+    r = gen(stub, num_samples=50, seed=3, prefix="ka", max_length=6, temperature=0.7, top_k=5, top_p=0.9)
+    assert all(s.name.startswith("ka") and len(s.name) <= 6 for s in r.samples)
+    assert all(s.in_training_data == (s.name in words) for s in r.samples)
+    new = gen(stub, num_samples=50, seed=3, only_new=True)
+    assert len(new.samples) == 50 and not any(s.in_training_data or s.name in words for s in new.samples)
+
+
+def test_score(stub, checkpoint):
+    from trainer.sampling import score_names
+
+    model, vocab, _ = checkpoint
+    names = ["emma", "xq", "a", "olivia"]
+    r = stub.Score(pb.ScoreRequest(names=names), timeout=10)
+    ref = score_names(model, names, vocab, model.cfg.block_size)
+    assert [s.name for s in r.scores] == names
+    for s, (total, per) in zip(r.scores, ref):
+        assert len(s.char_logprobs) == len(s.name) + 1
+        assert s.logprob == pytest.approx(sum(s.char_logprobs), abs=1e-4)
+        assert s.logprob == pytest.approx(total, abs=1e-3)
+        assert list(s.char_logprobs) == pytest.approx(per, abs=1e-4)
+
+
+def test_model_info(stub, model_dir):
+    from trainer.checkpoint import file_sha256
+
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.vocab.startswith(".") and len(info.vocab) > 20
+    assert info.block_size >= 1 and info.config["block_size"] == info.block_size
+    assert info.provider == "cpu" and info.num_params > 0
+    assert "val_loss" in info.metrics
+    assert info.max_samples == 200_000 and info.max_length_limit == 64
+    if (model_dir / "model.pt").is_file():
+        assert info.checkpoint_sha256 == file_sha256(model_dir / "model.pt")
+
+
+def test_health_and_reflection(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE):
+        r = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    resp = next(iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=10)))
+    listed = {s.name for s in resp.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= listed
+
+
+def test_metrics_endpoint(server, stub):
+    import urllib.request
+
+    gen(stub, num_samples=3, seed=1)
+    (url,) = [line.split()[-1] for line in server.stdout if line.startswith("metrics on ")]
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for name in ('namegen_requests_total{code="OK",method="Generate"}', "namegen_request_latency_seconds_bucket",
+                 "namegen_queue_time_seconds_count", "namegen_batch_rows_count", "namegen_batch_requests_count",
+                 "namegen_names_generated_total", "namegen_process_peak_rss_bytes"):
+        assert name in text, name
+
+
+def scrape(server, prefix):
+    """Sum of the samples of the server's metric lines that start with prefix."""
+    import urllib.request
+
+    (url,) = [line.split()[-1] for line in server.stdout if line.startswith("metrics on ")]
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_cancelled_stream_stops_drawing(server, channel, stub):
+    import time
+
+    cancelled = 'namegen_requests_total{code="CANCELLED",method="GenerateStream"}'
+    rows0, n0 = scrape(server, "namegen_batch_rows_sum"), scrape(server, cancelled)
+    it = stub.GenerateStream(pb.GenerateRequest(num_samples=2_000_000, seed=3, chunk_size=1000), timeout=120)
+    next(it), next(it)
+    it.cancel()
+    deadline = time.monotonic() + 30
+    while scrape(server, cancelled) == n0 and time.monotonic() < deadline:  # wait until the server saw it
+        time.sleep(0.05)
+    assert scrape(server, cancelled) == n0 + 1
+    rows = scrape(server, "namegen_batch_rows_sum") - rows0
+    assert 2000 <= rows <= 200_000  # what flow control let it send ahead, far from the 2M asked for
+    for i in range(5):  # each gives the worker another round, in which a live stream job would draw again
+        gen(stub, num_samples=1, seed=i)
+    assert scrape(server, "namegen_batch_rows_sum") - rows0 <= rows + 5 + 1000  # + a chunk that was in flight
+    assert_healthy(channel, stub)
+
+
+# ---- errors ----
+
+BAD_GENERATE = [
+    ("temperature", dict(temperature=0.0)),
+    ("temperature", dict(temperature=-1.0)),
+    ("temperature", dict(temperature=math.nan)),
+    ("temperature", dict(temperature=math.inf)),
+    ("top_k", dict(top_k=-1)),
+    ("top_k", dict(top_k=1000)),
+    ("top_p", dict(top_p=0.0)),
+    ("top_p", dict(top_p=1.5)),
+    ("num_samples", dict(num_samples=0)),
+    ("num_samples", dict(num_samples=-5)),
+    ("num_samples", dict(num_samples=2_000_001)),  # over both --max-samples and --max-stream-samples
+    ("max_length", dict(max_length=0)),
+    ("max_length", dict(max_length=65)),
+    ("prefix", dict(prefix="Zz")),
+    ("prefix", dict(prefix="a.b")),
+    ("prefix", dict(prefix="abcdef", max_length=3)),
+]
+
+
+@pytest.mark.parametrize("field,kw", BAD_GENERATE, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_GENERATE)])
+def test_generate_invalid_argument(stub, channel, field, kw):
+    for call in (stub.Generate, lambda req, timeout: list(stub.GenerateStream(req, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(pb.GenerateRequest(**kw), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in e.value.details()
+    assert_healthy(channel, stub)
+
+
+def test_generate_over_max_samples(stub):
+    with pytest.raises(grpc.RpcError) as e:  # fine for a stream, too many for one message
+        gen(stub, num_samples=200_001)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_samples" in e.value.details()
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=0), dict(chunk_size=100_001)])
+def test_stream_invalid_chunk_size(stub, kw):
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.GenerateStream(pb.GenerateRequest(num_samples=5, **kw), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_size" in e.value.details()
+
+
+@pytest.mark.parametrize("names", [[], ["emma", ""], ["Emma"], ["a b"], ["x"] * 200_001])
+def test_score_invalid_argument(stub, channel, names):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(pb.ScoreRequest(names=names), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "names" in e.value.details()
+    assert_healthy(channel, stub)
+
+
+def test_only_new_impossible_is_failed_precondition(stub, channel):
+    # The only name of length 4 that starts with "emma" is "emma", a training name: no new one exists.
+    with pytest.raises(grpc.RpcError) as e:
+        gen(stub, num_samples=1, prefix="emma", max_length=4, only_new=True, seed=1)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "only_new" in e.value.details()
+    assert_healthy(channel, stub)
+
+
+def test_deadline_exceeded(stub, channel):
+    # 200k names take seconds; a 20 ms deadline passes long before. The server drops the work.
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(pb.GenerateRequest(num_samples=200_000, seed=1), timeout=0.02)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_healthy(channel, stub)
+
+
+def test_overload_gives_resource_exhausted(model_dir):
+    s = start_server(model_dir, "--max-queue", 2, "--max-batch-rows", 64)
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            st = pb_grpc.NameGeneratorStub(ch)
+            # 40 requests of 20k names at once against room for 2: most must be turned away.
+            futures = [st.Generate.future(pb.GenerateRequest(num_samples=20_000, seed=i), timeout=120) for i in range(40)]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        assert "queue" in e.details()
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert_healthy(ch, st)
+    finally:
+        assert s.stop() == 0
+
+
+# ---- determinism and parity ----
+
+def test_parity_with_torch_reference(stub, checkpoint):
+    from export.reference import reference_generate
+    from service.params import GenerateParams
+
+    model, vocab, ckpt = checkpoint
+    cases = [dict(num_samples=64, seed=11), dict(num_samples=40, seed=12, temperature=0.8, top_k=8, top_p=0.9),
+             dict(num_samples=30, seed=13, prefix="mar", max_length=10), dict(num_samples=30, seed=14, only_new=True)]
+    for kw in cases:
+        got = gen(stub, **kw).samples
+        ref = reference_generate(model, vocab, GenerateParams(**kw), words=ckpt["words"])
+        assert [s.name for s in got] == [n for n, _ in ref], kw
+        assert [s.logprob for s in got] == pytest.approx([lp for _, lp in ref], abs=1e-3), kw
+
+
+def test_same_seed_regardless_of_batch_composition(stub):
+    # The shared server batches at most 512 rows: 1500 names are chunked over several runs, shared with
+    # whatever else is queued. Alone vs in a crowd of other requests must give the same names.
+    probes = [dict(num_samples=1500, seed=99), dict(num_samples=3, seed=5, top_k=4), dict(num_samples=1, seed=6)]
+    alone = [names_of(gen(stub, **kw)) for kw in probes]
+    crowd = [pb.GenerateRequest(num_samples=n, seed=1000 + i, temperature=0.5 + i / 20)
+             for i, n in enumerate([1, 700, 3, 64, 1, 900, 2, 5] * 3)]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(2):
+            fut_crowd = [stub.Generate.future(r, timeout=60) for r in crowd]
+            fut_probes = [pool.submit(gen, stub, **kw) for kw in probes]
+            assert [names_of(f.result()) for f in fut_probes] == alone
+            for f in fut_crowd:
+                f.result()
+
+
+def test_stream_100k_in_chunks(stub):
+    chunks = list(stub.GenerateStream(pb.GenerateRequest(num_samples=100_000, seed=21, chunk_size=10_000), timeout=120))
+    assert sum(len(c.samples) for c in chunks) == 100_000
+    assert all(0 < len(c.samples) <= 10_000 for c in chunks) and len(chunks) == 10
+    assert {c.seed for c in chunks} == {21}
+    first = names_of(gen(stub, num_samples=1200, seed=21))
+    assert [s.name for c in chunks[:1] for s in c.samples][:1200] == first  # same order as Generate
+
+
+def test_stream_only_new_small_chunks(stub):
+    chunks = list(stub.GenerateStream(pb.GenerateRequest(num_samples=250, seed=4, chunk_size=64, only_new=True),
+                                      timeout=60))
+    assert [len(c.samples) for c in chunks] == [64, 64, 64, 58]
+    flat = [s for c in chunks for s in c.samples]
+    assert not any(s.in_training_data for s in flat)
+    assert [s.name for s in flat] == names_of(gen(stub, num_samples=250, seed=4, only_new=True))
+
+
+# ---- process lifecycle ----
+
+def test_sigterm_drains_in_flight_stream(model_dir):
+    s = start_server(model_dir, "--grace", 60)
+    with grpc.insecure_channel(s.target) as ch:
+        st = pb_grpc.NameGeneratorStub(ch)
+        it = st.GenerateStream(pb.GenerateRequest(num_samples=60_000, seed=2, chunk_size=2_000), timeout=120)
+        n = len(next(it).samples)  # the stream is in flight
+        s.signal()
+        n += sum(len(c.samples) for c in it)  # ... and still completes
+    assert n == 60_000
+    assert s.wait(60) == 0
+    assert any("draining" in line for line in s.stdout)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "missing"])
+def test_bad_model_file_exits_with_one_line(model_dir, tmp_path, damage):
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    sampler = bad / "sampler.onnx"
+    if damage == "garbage":
+        sampler.write_bytes(b"this is not an onnx model\n" * 10)
+    elif damage == "truncate":
+        sampler.write_bytes(sampler.read_bytes()[:200])
+    else:
+        sampler.unlink()
+    p = ServerProcess(bad)
+    rc = p.wait(60)
+    assert rc != 0 and p.port is None
+    assert len(p.stderr) == 1 and p.stderr[0].startswith("error: ") and "sampler.onnx" in p.stderr[0], p.stderr
+
+
+# ---- command-line tools ----
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_client_cli(server):
+    r = run_cli("service.client", "--target", server.target, "generate", "-n", "3", "--seed", "5")
+    assert r.returncode == 0 and "seed: 5" in r.stdout and len(r.stdout.splitlines()) == 4, r.stderr
+    r = run_cli("service.client", "generate", "--target", server.target, "--temperature", "0")
+    assert r.returncode == 1 and r.stderr.startswith("error: INVALID_ARGUMENT: temperature") and "Traceback" not in r.stderr
+
+
+def test_loadtest_cli(server, tmp_path):
+    out = tmp_path / "lt.json"
+    r = run_cli("service.loadtest", "--target", server.target, "--concurrency", "1,4", "--warmup", "0.1",
+                "--duration", "0.5", "--requests", "50", "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)
+
+
+# ---- the batcher in-process (real engine, no gRPC) ----
+
+class CountingEngine:
+    """The real engine, counting rows per request so tests can see who got model runs."""
+
+    def __init__(self, engine):
+        self.engine, self.max_rows, self.rows = engine, engine.max_rows, {}
+
+    def request(self, params, max_samples):
+        return self.engine.request(params, max_samples)
+
+    def run(self, parts):
+        for req, n in parts:
+            self.rows[req.params.seed] = self.rows.get(req.params.seed, 0) + n
+        return self.engine.run(parts)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from service.engine import Engine
+
+    return Engine(model_dir, provider="cpu", threads=1)
+
+
+def test_batcher_interleaves_big_and_small(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+
+    async def main():
+        eng = CountingEngine(engine)
+        b = Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)
+        b.start()
+        big_req = eng.request(GenerateParams(num_samples=20_000, seed=1), 10**6)
+        big = asyncio.ensure_future(b.submit(big_req, big_req.remaining))
+        await asyncio.sleep(0)
+        smalls = [asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3, seed=10 + i), 100), 3))
+                  for i in range(5)]
+        done = await asyncio.gather(*smalls)
+        assert all(len(s) == 3 for s in done) and not big.done()  # served between the big one's chunks
+        assert len(await big) == 20_000
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_drops_cancelled_work(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+
+    async def main():
+        eng = CountingEngine(engine)
+        b = Batcher(eng, max_batch_rows=128, max_wait_ms=0, max_queue=100)
+        b.start()
+        req = eng.request(GenerateParams(num_samples=100_000, seed=7), 10**6)
+        task = asyncio.ensure_future(b.submit(req, req.remaining))
+        while eng.rows.get(7, 0) < 256:  # a few runs in
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert b.pending == 0
+        drawn = eng.rows[7]
+        small = eng.request(GenerateParams(num_samples=5, seed=8), 100)
+        assert len(await b.submit(small, 5)) == 5  # the worker moved on
+        assert eng.rows[7] <= drawn + 128  # at most the run in flight when it was cancelled
+        await b.close()
+
+    asyncio.run(main())

@@ -1,0 +1,76 @@
+"""The BatchNorm MLP: embedding -> flatten -> [Linear(no bias) -> BatchNorm1d -> tanh] x n_layers -> Linear."""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TANH_GAIN = 5 / 3  # torch.nn.init.calculate_gain("tanh")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 27
+    block_size: int = 3  # characters of context
+    n_embd: int = 10  # embedding size per character
+    n_hidden: int = 200  # width of each hidden layer
+    n_layers: int = 1  # number of Linear-BatchNorm-tanh blocks
+    dropout: float = 0.0  # on the flattened embeddings and after each tanh; training only (identity in eval)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, init: str = "kaiming"):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        layers = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else []
+        fan_in = cfg.block_size * cfg.n_embd
+        for _ in range(cfg.n_layers):
+            # No bias: BatchNorm's shift (beta) makes it redundant.
+            layers += [nn.Linear(fan_in, cfg.n_hidden, bias=False), nn.BatchNorm1d(cfg.n_hidden), nn.Tanh()]
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+            fan_in = cfg.n_hidden
+        self.hidden = nn.Sequential(*layers)
+        self.lm_head = nn.Linear(fan_in, cfg.vocab_size)
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init="kaiming"):
+        """'kaiming': N(0, 1) * (5/3) / sqrt(fan_in), the tanh gain keeps pre-activations at unit std.
+        'naive': N(0, 1) everywhere, the lecture's saturated-tanh starting point (for comparison plots)."""
+        if init not in ("kaiming", "naive"):
+            raise ValueError(f"init must be 'kaiming' or 'naive', got {init!r}")
+        nn.init.normal_(self.wte.weight)
+        for m in self.linears():
+            std = TANH_GAIN / math.sqrt(m.in_features) if init == "kaiming" else 1.0
+            nn.init.normal_(m.weight, std=std)
+        for m in self.batchnorms():
+            m.reset_parameters()
+        if init == "kaiming":
+            # Output layer scaled down so the initial softmax is near uniform (loss ~ log(vocab_size)).
+            nn.init.normal_(self.lm_head.weight, std=0.1 / math.sqrt(self.lm_head.in_features))
+        else:
+            nn.init.normal_(self.lm_head.weight)
+        nn.init.zeros_(self.lm_head.bias)
+
+    def linears(self):
+        return [m for m in self.hidden if isinstance(m, nn.Linear)]
+
+    def batchnorms(self):
+        return [m for m in self.hidden if isinstance(m, nn.BatchNorm1d)]
+
+    def tanhs(self):
+        return [m for m in self.hidden if isinstance(m, nn.Tanh)]
+
+    def forward(self, idx):
+        # idx: (B, block_size) int64 -> logits (B, vocab_size)
+        x = self.wte(idx).flatten(1)  # (B, block_size * n_embd)
+        x = self.hidden(x)  # (B, n_hidden)
+        return self.lm_head(x)  # (B, vocab_size)
+
+    def loss(self, idx, targets):
+        return F.cross_entropy(self(idx), targets)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())

@@ -4,6 +4,7 @@ Determinism: each request's uniforms come from its own generator seeded with the
 (params.uniform_stream) and are read row by row in order, so a request's names depend only on its own
 parameters, never on how its rows were chunked or which other requests shared the session run.
 """
+import ctypes
 import json
 import logging
 import math
@@ -50,6 +51,14 @@ class ModelInfo:
     sampler_path: str
 
 
+def _nvidia_driver_present():
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
 def make_session(path, provider="auto", threads=0):
     """-> (InferenceSession, "cuda" | "cpu"). provider: cpu | cuda | auto (CUDA if it really loads)."""
     if provider not in ("auto", "cpu", "cuda"):
@@ -58,7 +67,9 @@ def make_session(path, provider="auto", threads=0):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
-    if provider != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+    # auto skips the CUDA probe where there is no NVIDIA driver at all: ORT would only print load errors.
+    want_cuda = provider == "cuda" or (provider == "auto" and _nvidia_driver_present())
+    if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         if hasattr(ort, "preload_dlls"):
             try:  # CUDA/cuDNN from pip's nvidia-* wheels, when present
                 ort.preload_dlls()

@@ -16,7 +16,7 @@ class ModelConfig:
     n_embd: int = 10  # embedding size per character
     n_hidden: int = 200  # width of each hidden layer
     n_layers: int = 1  # number of Linear-BatchNorm-tanh blocks
-    dropout: float = 0.0  # on the flattened embeddings and after each tanh; training only (identity in eval)
+    dropout: float = 0.0  # after each tanh, training only (identity in eval, so export ignores it)
 
 
 class MLP(nn.Module):
@@ -24,7 +24,7 @@ class MLP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        layers = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else []
+        layers = []
         fan_in = cfg.block_size * cfg.n_embd
         for _ in range(cfg.n_layers):
             # No bias: BatchNorm's shift (beta) makes it redundant.

@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 PROVIDER ?= auto
 SERVE_ARGS ?=
-LOAD_ARGS ?= --concurrency 1,8,64 --duration 10
+LOAD_ARGS ?= --concurrency 1,8,64 --duration 10 --procs 2
 PYTEST_ARGS ?=
 STUBS := service/namegen_pb/namegen_pb2_grpc.py
 

@@ -93,7 +93,7 @@ def load_words(path):
     words = [w for w in words if w]
     if not words:
         raise DataError(f"{path}: no words (the file is empty or blank); give one word per line")
-    for i, w in enumerate(words):
+    for w in words:
         if END in w:
             raise DataError(f"{path}: word {w!r} contains {END!r}, which is reserved as the start/end token")
     return words

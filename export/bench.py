@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.engine import Engine, ProviderError
+from service.engine import Engine, ProviderError, nvidia_driver_present
 from service.params import DEFAULT_MAX_LENGTH, GenerateParams
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.sampling import sample_reference
@@ -99,6 +99,9 @@ def main(argv=None):
         record("torch reference batched (b)", b, *timed(lambda: sample_reference(model, *args_b), b, args.min_seconds))
         record("torch plain batched (b)", b, *timed(lambda: plain_batched(model, b, g), b, args.min_seconds))
     for provider in args.providers.split(","):
+        if provider == "cuda" and not nvidia_driver_present():
+            print("  engine cuda: skipped (no NVIDIA driver on this machine)")
+            continue
         try:
             engine = Engine(args.model_dir, provider=provider, threads=args.threads, max_rows=max(sizes))
         except ProviderError as e:
@@ -109,7 +112,7 @@ def main(argv=None):
             record(f"onnx engine {provider} (c)", b, *timed(lambda: engine.generate(params), b, args.min_seconds))
         lat = []
         one = GenerateParams(num_samples=1, seed=1)
-        for i in range(2000):
+        for _ in range(2000):
             t0 = time.perf_counter()
             engine.generate(one)
             lat.append(time.perf_counter() - t0)

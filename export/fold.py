@@ -3,6 +3,8 @@
 In eval mode BatchNorm is an affine map per feature: y = (x - mean) / sqrt(var + eps) * gamma + beta.
 After a Linear (x W^T) that is again a Linear: W' = W * s[:, None], b' = beta - mean * s, s = gamma / sqrt(var + eps).
 """
+import copy
+
 import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_linear_bn_eval
@@ -32,9 +34,7 @@ def fold_batchnorm(model):
     fused = [fuse_linear_bn_eval(lin, bn) for lin, bn in zip(model.linears(), model.batchnorms())]
     model.train(was_training)
     wte = nn.Embedding.from_pretrained(model.wte.weight.detach().clone(), freeze=True)
-    head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
-    head.load_state_dict(model.lm_head.state_dict())
-    return FoldedMLP(wte, fused, head).eval()
+    return FoldedMLP(wte, fused, copy.deepcopy(model.lm_head)).eval()  # same dtype as the model
 
 
 @torch.no_grad()

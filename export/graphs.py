@@ -1,11 +1,12 @@
 """ONNX graphs built node by node from the folded weights.
 
 model.onnx:   context int64 (N, block_size) -> logits float32 (N, vocab)
-sampler.onnx: the whole autoregressive loop of trainer/sampling.py in one Loop node, so a batch of names is
-              one session run. It computes in float64: torch and ONNX Runtime round float32 matrix products
-              differently (~1e-7), and a uniform that close to a CDF boundary picks a different token (about
-              one name in 20,000); in float64 the gap is ~1e-15 and the two implementations agree. Finished rows are compacted out every step (Compress), so a batch costs about
-              the mean name length in row-steps, not N x the longest name.
+sampler.onnx: the whole autoregressive loop of trainer/sampling.py in Loop nodes, so a batch of names is one
+              session run. Rows without top-k/top-p run in float32 (the fast path); every row whose uniform
+              came within MARGIN of a CDF boundary, and every filtered row, is redone in float64 (the exact
+              path), so the result equals the float64 specification: in float32, torch and ONNX Runtime round
+              matrix products differently (~1e-7) and about one name in 20,000 would differ. Finished rows
+              are compacted out every step, so a batch costs about N x the mean name length in row-steps.
 Built by hand (not traced) so the graph is exactly the documented algorithm and nothing else.
 """
 import numpy as np

@@ -18,7 +18,7 @@ import torch
 
 from export.fold import fold_batchnorm, max_logit_diff
 from export.reference import reference_generate
-from service.engine import Engine, ModelFileError, ProviderError
+from service.engine import Engine, ModelFileError, ProviderError, nvidia_driver_present
 from service.params import GenerateParams
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.dataset import build_examples, split_words
@@ -71,6 +71,10 @@ def main(argv=None):
     Xva, _ = build_examples(split_words(ckpt["words"], ckpt["split_seed"])["val"], vocab, model.cfg.block_size)
     report, ok = {}, True
     for provider in args.providers.split(","):
+        if provider == "cuda" and not nvidia_driver_present():
+            print("[cuda] skipped: no NVIDIA driver on this machine")
+            report[provider] = {"skipped": "no NVIDIA driver"}
+            continue
         try:
             engine = Engine(d, provider=provider, threads=0)
         except ProviderError as e:

@@ -104,6 +104,8 @@ class Batcher:
         """
         if self.pending >= self.max_queue and not admitted:
             raise QueueFull(f"server queue is full ({self.max_queue} requests pending); retry later")
+        if self._direct_ok(request, rows):
+            return self._run_direct(request, rows)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.perf_counter() + timeout
         job = Job(request, min(rows, request.remaining), loop.create_future(), deadline)
@@ -177,6 +179,33 @@ class Batcher:
                 job.future.set_result(job.samples)
             else:
                 self._jobs.append(job)
+
+    def _direct_ok(self, request, rows):
+        """An idle server and a small request: nothing could be batched with it, so skip the queue.
+        (Not only_new: it may need several runs, which the queue path does.)
+
+        Each hand-off (queue -> worker -> future -> handler) is an event-loop pass, and under grpc.aio
+        every pass polls the completion queue; going direct saves ~1 ms per request here. Concurrent
+        traffic (anything pending, or seen in the last CONCURRENT_HOLD seconds) takes the batching path.
+        """
+        if (self.pending or self._jobs or self._incoming or rows > self.inline_rows or request.params.only_new
+                or time.perf_counter() < self._concurrent_until):
+            return False
+        # A direct run blocks the loop, so requests that arrive meanwhile are invisible: every
+        # PROBE_EVERY-th one goes through the queue, where waiting requests show up as concurrency.
+        self._inline_streak += 1
+        if self._inline_streak >= PROBE_EVERY:
+            self._inline_streak = 0
+            return False
+        return True
+
+    def _run_direct(self, request, rows):
+        t0 = time.perf_counter()
+        samples = self.engine.run([(request, min(rows, request.remaining))])[0]
+        if self.metrics:
+            self.metrics.queue_time.observe(0.0)
+            self.metrics.observe_batch(rows, 1, time.perf_counter() - t0)
+        return samples
 
     def _inline(self, parts, rows, now):
         """Run this batch on the event-loop thread?

@@ -51,7 +51,9 @@ class ModelInfo:
     sampler_path: str
 
 
-def _nvidia_driver_present():
+def nvidia_driver_present():
+    """Is an NVIDIA driver installed (libcuda loads)? Without one, CUDA can't work, and probing ORT's CUDA
+    provider only prints load errors."""
     try:
         ctypes.CDLL("libcuda.so.1")
         return True
@@ -68,7 +70,7 @@ def make_session(path, provider="auto", threads=0):
     so.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
     # auto skips the CUDA probe where there is no NVIDIA driver at all: ORT would only print load errors.
-    want_cuda = provider == "cuda" or (provider == "auto" and _nvidia_driver_present())
+    want_cuda = provider == "cuda" or (provider == "auto" and nvidia_driver_present())
     if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         if hasattr(ort, "preload_dlls"):
             try:  # CUDA/cuDNN from pip's nvidia-* wheels, when present

@@ -120,3 +120,22 @@ def test_train_cli_writes_artifacts_and_every_plot(tmp_path):
     for name in PLOTS:
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
+
+
+def test_calibrate_batchnorm_sets_exact_statistics():
+    from trainer.train import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    m = MLP(ModelConfig(n_hidden=16, n_layers=2, dropout=0.3))
+    X = torch.randint(0, 27, (5000, 3))
+    m.train()
+    m(X[:32])  # running statistics from one noisy minibatch, with dropout on
+    calibrate_batchnorm(m, X)
+    assert not m.training
+    with torch.no_grad():
+        x = m.wte(X).flatten(1)
+        for module in m.hidden:
+            if isinstance(module, torch.nn.BatchNorm1d):
+                assert torch.allclose(module.running_mean, x.mean(0), atol=1e-5)
+                assert torch.allclose(module.running_var, x.var(0), rtol=1e-4)
+            x = module(x)  # eval mode: dropout is off, as it will be when serving

@@ -55,10 +55,11 @@ PRESETS = {
     "baseline": (ModelConfig(), TrainConfig()),
     # Longer context, wider, 2 layers; AdamW + cosine; dropout after each tanh and an EMA of the weights
     # against overfitting (this much model memorises 25k names: train 1.68 vs val 2.00 without them).
+    # No BN calibration here: with dropout + EMA it measured worse (val 1.9702 with, 1.9680 without).
     "better": (
         ModelConfig(block_size=8, n_embd=32, n_hidden=384, n_layers=2, dropout=0.2),
         TrainConfig(steps=45_000, batch_size=128, optimizer="adamw", lr=3e-3, schedule="cosine",
-                    lr_final=3e-5, warmup=500, weight_decay=0.1, ema=0.999, eval_every=5_000),
+                    lr_final=3e-5, warmup=500, weight_decay=0.1, ema=0.999, calibrate_bn=False, eval_every=5_000),
     ),
     "tiny": (  # for tests: seconds, still beats the bigram baseline
         ModelConfig(n_hidden=64),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.engine import Engine, ProviderError, nvidia_driver_present
+from service.engine import Engine, ProviderError
 from service.params import DEFAULT_MAX_LENGTH, GenerateParams
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.sampling import sample_reference
@@ -99,9 +99,6 @@ def main(argv=None):
         record("torch reference batched (b)", b, *timed(lambda: sample_reference(model, *args_b), b, args.min_seconds))
         record("torch plain batched (b)", b, *timed(lambda: plain_batched(model, b, g), b, args.min_seconds))
     for provider in args.providers.split(","):
-        if provider == "cuda" and not nvidia_driver_present():
-            print("  engine cuda: skipped (no NVIDIA driver on this machine)")
-            continue
         try:
             engine = Engine(args.model_dir, provider=provider, threads=args.threads, max_rows=max(sizes))
         except ProviderError as e:

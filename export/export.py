@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.fold import fold_batchnorm, max_logit_diff
+from export.fold import fold_for_export, max_logit_diff
 from export.graphs import OPSET, build_logits_model, build_sampler_model
 from trainer.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from trainer.dataset import build_examples, split_words
@@ -49,9 +49,7 @@ def metadata(ckpt, sha):
 
 def export(checkpoint, out_dir):
     model, vocab, ckpt = load_checkpoint(checkpoint)
-    # Fold in float64: the sampler's exact path must match the float64 specification to ~1e-15, and
-    # float32 folding alone would already move the logits by ~1e-7. Graphs cast to their own dtypes.
-    folded = fold_batchnorm(copy.deepcopy(model).double())
+    folded = fold_for_export(model)  # float64; each graph casts to its own dtype
     val = split_words(ckpt["words"], ckpt["split_seed"])["val"]
     Xva, _ = build_examples(val, vocab, model.cfg.block_size)
     diff = max_logit_diff(model, copy.deepcopy(folded).float(), Xva)  # what float32 inference sees

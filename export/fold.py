@@ -37,6 +37,12 @@ def fold_batchnorm(model):
     return FoldedMLP(wte, fused, copy.deepcopy(model.lm_head)).eval()  # same dtype as the model
 
 
+def fold_for_export(model):
+    """The folded model the ONNX graphs are built from: folded in float64, since the sampler's exact path
+    must match the float64 specification to ~1e-15 and float32 folding alone moves logits by ~1e-7."""
+    return fold_batchnorm(copy.deepcopy(model).double())
+
+
 @torch.no_grad()
 def max_logit_diff(a, b, X, batch=65536):
     """Max |a(X) - b(X)| over all rows of X (both models in eval mode)."""

@@ -51,7 +51,7 @@ class ModelInfo:
     sampler_path: str
 
 
-def nvidia_driver_present():
+def _nvidia_driver_present():
     """Is an NVIDIA driver installed (libcuda loads)? Without one, CUDA can't work, and probing ORT's CUDA
     provider only prints load errors."""
     try:
@@ -69,9 +69,11 @@ def make_session(path, provider="auto", threads=0):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
-    # auto skips the CUDA probe where there is no NVIDIA driver at all: ORT would only print load errors.
-    want_cuda = provider == "cuda" or (provider == "auto" and nvidia_driver_present())
-    if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+    # No NVIDIA driver at all: no CUDA probe (ORT would only print load errors); cuda is refused, auto is CPU.
+    driver = provider != "cpu" and _nvidia_driver_present()
+    if provider == "cuda" and not driver:
+        raise ProviderError("provider=cuda but this machine has no NVIDIA driver (libcuda.so.1); use --provider cpu or auto")
+    if driver and "CUDAExecutionProvider" in ort.get_available_providers():
         if hasattr(ort, "preload_dlls"):
             try:  # CUDA/cuDNN from pip's nvidia-* wheels, when present
                 ort.preload_dlls()

@@ -168,12 +168,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = 1 for batches <= 64, else torch's default)")
     p.add_argument("--no-plots", action="store_true", help="skip the diagnostic figures")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    for f in fields(ModelConfig):
-        if f.name != "vocab_size":
-            p.add_argument("--" + f.name.replace("_", "-"), type=f.type, default=None, help=f"model: override {f.name}")
-    for f in fields(TrainConfig):
-        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"recipe: override {f.name}", **kind)
+    for cls, what in ((ModelConfig, "model"), (TrainConfig, "recipe")):  # every field can be overridden
+        for f in fields(cls):
+            if f.name != "vocab_size":  # derived from the data
+                kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
+                p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{what}: override {f.name}", **kind)
     args = p.parse_args(argv)
 
     try:

@@ -35,9 +35,9 @@ def parse_args(argv=None):
     ap.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
     ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                     help="ONNX Runtime execution provider; auto = cuda when it loads, else cpu")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="ONNX Runtime intra-op threads (0 = one per core); 1 leaves a core to the event loop, "
-                         "which is faster on small machines")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads per model run (0 = one per core): a run of 1024+ names is split into row "
+                         "shards sampled at once, each on a single-threaded ONNX Runtime session")
     ap.add_argument("--max-batch-rows", type=int, default=4096,
                     help="most names drawn in one model run across batched requests; 0 disables batching")
     ap.add_argument("--no-batching", action="store_true", help="same as --max-batch-rows 0")

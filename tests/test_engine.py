@@ -36,6 +36,23 @@ def test_chunking_is_invisible(tiny_model_dir, cpu_engine):
     assert [len(c) for c in chunks] == [7] * 14 + [2]
 
 
+@pytest.mark.parametrize("max_shard_rows, runs", [(4096, 3), (20, 5)])  # 3 threads: one shard each, or 5 shards
+def test_row_shards_are_invisible(tiny_model_dir, monkeypatch, max_shard_rows, runs):
+    import service.engine as engine_mod
+
+    one = Engine(tiny_model_dir, provider="cpu", threads=1)
+    three = Engine(tiny_model_dir, provider="cpu", threads=3)
+    monkeypatch.setattr(engine_mod, "MIN_SHARD_ROWS", 16)  # so that 100 rows are split
+    monkeypatch.setattr(engine_mod, "MAX_SHARD_ROWS", max_shard_rows)
+    calls = []
+    for s in three._shard_sessions:  # record which session ran each shard
+        monkeypatch.setattr(s, "run", lambda *a, _run=s.run, _s=s: calls.append(_s) or _run(*a))
+    p = P(num_samples=100, seed=3, temperature=1.3, max_length=12)
+    a, b = one.generate(p), three.generate(p)
+    assert len(calls) == runs and len(set(calls)) == 3  # really split, over every thread's session
+    assert names(a) == names(b) and [s.logprob for s in a] == [s.logprob for s in b]
+
+
 @pytest.mark.parametrize("max_length", [64, 4])  # 4: most names are cut, and the end token is forced there
 def test_logprob_equals_score(cpu_engine, max_length):
     samples = cpu_engine.generate(P(num_samples=50, seed=1, prefix="ma", max_length=max_length))

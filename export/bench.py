@@ -72,7 +72,8 @@ def main(argv=None):
     p.add_argument("--model-dir", default="artifacts", help="folder with model.pt and the ONNX artifacts")
     p.add_argument("--batch-sizes", default="1,64,4096,65536", help="comma-separated batch sizes")
     p.add_argument("--min-seconds", type=float, default=1.0, help="time each measurement at least this long")
-    p.add_argument("--threads", type=int, default=0, help="torch threads and engine threads (row shards run at once); 0 = all cores")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads, and engine threads (row shards sampled at once); 0 = all cores")
     p.add_argument("--providers", default="cpu,cuda", help="engine providers; cuda is skipped where it can't load")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",")]

@@ -59,6 +59,9 @@ def parse_args(argv=None):
     for name in ("max_queue", "max_samples", "max_stream_samples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("threads", "max_batch_rows", "inline_rows"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
 
 

@@ -332,6 +332,16 @@ def test_sigterm_drains_in_flight_stream(model_dir):
     assert any("draining" in line for line in s.stdout)
 
 
+@pytest.mark.parametrize("flag, value", [("--threads", -1), ("--max-batch-rows", -5), ("--max-queue", 0),
+                                         ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x")])
+def test_bad_server_flags_are_usage_errors(flag, value, capsys):
+    from service.server import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args([flag, str(value)])
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "missing"])
 def test_bad_model_file_exits_with_one_line(model_dir, tmp_path, damage):
     bad = tmp_path / "model"

@@ -76,7 +76,12 @@ def main(argv=None):
                    help="torch threads, and engine threads (row shards sampled at once); 0 = all cores")
     p.add_argument("--providers", default="cpu,cuda", help="engine providers; cuda is skipped where it can't load")
     args = p.parse_args(argv)
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    try:
+        sizes = [int(s) for s in args.batch_sizes.split(",")]
+    except ValueError:
+        p.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if args.threads < 0 or min(sizes) < 1 or args.min_seconds <= 0:
+        p.error("--threads must be >= 0, --batch-sizes >= 1 and --min-seconds > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bench: model_dir={args.model_dir} batch_sizes={sizes} min_seconds={args.min_seconds} "

@@ -231,8 +231,11 @@ class Engine:
         outputs are joined in row order.
         """
         n = len(feed["uniforms"])
-        shards = max(min(self.threads, n // MIN_SHARD_ROWS), -(-n // MAX_SHARD_ROWS), 1)
-        if shards == 1 or self.provider == "cuda":  # a GPU wants the whole run at once
+        if self.provider == "cuda":  # a GPU wants the whole run at once
+            shards = 1
+        else:
+            shards = max(min(self.threads, n // MIN_SHARD_ROWS), -(-n // MAX_SHARD_ROWS), 1)
+        if shards == 1:
             return self.sampler.run(None, feed)
         bounds = [n * j // shards for j in range(shards + 1)]
 

@@ -56,12 +56,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.no_batching:
         args.max_batch_rows = 0
-    for name in ("max_queue", "max_samples", "max_stream_samples"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("threads", "max_batch_rows", "inline_rows"):
-        if getattr(args, name) < 0:
-            ap.error(f"--{name.replace('_', '-')} must be >= 0")
+    minimum = {"max_queue": 1, "max_samples": 1, "max_stream_samples": 1,
+               "threads": 0, "max_batch_rows": 0, "inline_rows": 0}
+    for name, lo in minimum.items():
+        if getattr(args, name) < lo:
+            ap.error(f"--{name.replace('_', '-')} must be >= {lo}")
     return args
 
 

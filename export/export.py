@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from export.fold import fold_for_export, max_logit_diff
-from export.graphs import OPSET, build_logits_model, build_sampler_model
+from export.graphs import OPSET, build_logits_model, build_sampler_model, logit_shift
 from trainer.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from trainer.dataset import build_examples, split_words
 
@@ -29,6 +29,7 @@ class ExportReport:
     model_onnx: str
     sampler_onnx: str
     opset: int
+    fast_path_logit_shift: float | None  # graphs.logit_shift: None = the fast path subtracts each row's max
 
 
 def metadata(ckpt, sha):
@@ -63,7 +64,7 @@ def export(checkpoint, out_dir):
     for path, build in zip(paths, (build_logits_model, build_sampler_model)):
         onnx.save(build(folded, model.cfg.block_size, meta), path)
         onnx.checker.check_model(str(path), full_check=True)
-    return ExportReport(str(checkpoint), sha, diff, len(Xva), str(paths[0]), str(paths[1]), OPSET)
+    return ExportReport(str(checkpoint), sha, diff, len(Xva), str(paths[0]), str(paths[1]), OPSET, logit_shift(folded))
 
 
 def main(argv=None):

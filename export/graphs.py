@@ -52,15 +52,17 @@ def add_forward(b, weights, ctx, transposed=False):
     return b.op("Gemm", [x, weights["head_w"], weights["head_b"]], transB=1, hint="logits")  # (M, vocab)
 
 
-def weight_inits(b, folded, transposed=False, dtype=np.float32):
-    """Register the folded model's tensors as initializers; returns their names."""
+def weight_inits(b, folded, transposed=False, dtype=np.float32, head_shift=0.0):
+    """Register the folded model's tensors as initializers; returns their names. head_shift is subtracted
+    from the output bias (in float64, before the cast), so the graph's logits are logits - head_shift."""
     f32 = lambda t: t.detach().cpu().double().numpy().astype(dtype)  # noqa: E731
     return {
         "wte": b.const(f32(folded.wte.weight), "wte"),
         "layers": [(b.const(f32(l.weight), f"W{i}"), b.const(f32(l.bias), f"b{i}")) for i, l in enumerate(folded.linears)],
         "head_w": b.const(f32(folded.lm_head.weight), "head_w"),
         # (V, 1) bias for the transposed head, (V,) for the plain one
-        "head_b_col" if transposed else "head_b": b.const(f32(folded.lm_head.bias)[:, None] if transposed else f32(folded.lm_head.bias), "head_b"),
+        "head_b_col" if transposed else "head_b": b.const(f32(folded.lm_head.bias - head_shift)[:, None] if transposed
+                                                          else f32(folded.lm_head.bias - head_shift), "head_b"),
     }
 
 
@@ -76,6 +78,26 @@ def build_logits_model(folded, block_size, metadata):
         b.inits,
     )
     return _model(graph, metadata)
+
+
+def logit_shift(folded, limit=60.0):
+    """A constant c such that exp(logits - c) can neither overflow nor make every weight vanish in float32,
+    for any context; None if no such c is provable for this model.
+
+    The head reads tanh outputs in [-1, 1], so logit j lies in b_j +- ||W_j||_1 and the largest logit of any
+    context lies in [max_j(b_j - ||W_j||_1), max_j(b_j + ||W_j||_1)]. c is that interval's midpoint; when
+    its half-width is <= limit, the largest weight exp(max logit - c) lies in [e^-60, e^60], well inside
+    float32. Then the unit-temperature fast path can skip the per-row max (4 nodes per step) and take
+    w = exp(logits - c) straight from the head, whose bias carries -c. Weights relative to their sum are
+    the same as with the max subtracted, so the tokens and margins are too; below e^-87 a weight rounds
+    to 0 in float32, as it already could with the max subtracted, and the margin check covers it.
+    """
+    if not len(folded.linears):  # the head would read the raw embedding, which is unbounded
+        return None
+    W, b = folded.lm_head.weight.detach().double(), folded.lm_head.bias.detach().double()
+    radius = W.abs().sum(dim=1)  # (V,)
+    hi, lo = (b + radius).max().item(), (b - radius).max().item()
+    return (hi + lo) / 2 if (hi - lo) / 2 <= limit else None
 
 
 # Fast rows whose uniform came this close (times temperature) to a CDF boundary are redone in float64.
@@ -105,31 +127,36 @@ def _filter(b, d, w, V):
     return b.op("Transpose", [w], perm=[1, 0])  # (V, M)
 
 
-def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False):
+def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shift=None):
     """Loop body: one sampling step for the M still-active rows (trainer/sampling.py, step by step).
 
     exact=False: the fast path: float32, no filters, and each row's margin (how far u * total was from the
     boundaries of the chosen token's CDF interval, relative to total and times the temperature).
     exact=True: float64, with top-k/top-p when filtered. unit_temperature: every row has temperature 1, so
-    d = s and log(sum(exp(s))) = log(cdf[-1]): two fewer passes over (V, M).
+    d = s and log(sum(exp(s))) = log(cdf[-1]): two fewer passes over (V, M); with a `shift` (logit_shift),
+    the fast path also takes s = logits - shift instead of logits - max: four fewer nodes.
     Layout (V, M): a per-row value is a (1, M) row that broadcasts along contiguous memory. Reads per-row
     settings shaped (1, N) / (N, 1), uniforms as (T, 1, N) and the scan-output base (N, 3) from the outer graph.
     Emits one scan output (N, 3) per step: [token, logprob, margin] scattered to the rows' original slots.
     """
     dt, DT, sfx = (np.float64, DOUBLE, "64") if exact else (np.float32, FLOAT, "32")
     b = Builder(f"s{sfx}{'_t1' if unit_temperature else ''}{'_f' if filtered else ''}_")
-    w = weight_inits(b, folded, transposed=True, dtype=dt)
+    static = shift is not None and unit_temperature and not exact
+    w = weight_inits(b, folded, transposed=True, dtype=dt, head_shift=shift if static else 0.0)
     i, ctx, rows = "i", "ctx_in", "rows_in"  # ctx (M, block_size) int64, rows (M,) original row ids
     ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
     lt = add_forward(b, w, ctx, transposed=True)  # (V, M)
     u = b.op("Gather", [b.op("Gather", [f"uniforms{sfx}_t", i]), rows], axis=1)  # (1, M): u * (1 - 2^-23), or -1
-    # Max over the vocabulary: a (V, 1) MaxPool is as fast as ReduceMax for one row and 2.4x faster for many.
-    pooled = b.op("MaxPool", [b.op("Reshape", [lt, b.const([1, 1, V, -1], dtype=np.int64)])], kernel_shape=[V, 1])
-    m = b.op("Reshape", [pooled, b.const([1, -1], dtype=np.int64)], hint="m")  # (1, M)
-    s = b.op("Sub", [lt, m])  # (V, M) logits - max
+    if static:
+        s = lt  # (V, M) logits - shift: bounded, so exp(s) is finite with a max weight >= e^-60
+    else:
+        # Max over the vocabulary: a (V, 1) MaxPool is as fast as ReduceMax for one row and 2.4x faster for many.
+        pooled = b.op("MaxPool", [b.op("Reshape", [lt, b.const([1, 1, V, -1], dtype=np.int64)])], kernel_shape=[V, 1])
+        m = b.op("Reshape", [pooled, b.const([1, -1], dtype=np.int64)], hint="m")  # (1, M)
+        s = b.op("Sub", [lt, m])  # (V, M) logits - max
     temp = None if unit_temperature else b.op("Gather", [f"temp{sfx}_1n", rows], axis=1)  # (1, M)
     d = s if unit_temperature else b.op("Div", [s, temp])
-    wt = b.op("Exp", [d])  # (V, M) unnormalised weights, max 1
+    wt = b.op("Exp", [d])  # (V, M) unnormalised weights, max 1 (or e^+-60 at most with a shift)
     if filtered:
         wt = _filter(b, d, wt, V)
     # Inverse CDF: the count of cdf entries <= x = u * total * (1 - 2^-23) (the factor, folded into the
@@ -259,7 +286,9 @@ def build_sampler_model(folded, block_size, metadata):
     b.op("Less", ["top_p", b.const(np.array(1.0, np.float32))], outputs=["use_p"])
     b.op("Or", ["use_k", "use_p"], outputs=["filtered"])
     # Fast path: float32, rows without filters. Exact path: float64, rows with filters or a thin margin.
-    fast = _run_loop(b, [_sampling_body(folded, V, exact=False), _sampling_body(folded, V, exact=False, unit_temperature=True)],
+    shift = logit_shift(folded)
+    fast = _run_loop(b, [_sampling_body(folded, V, exact=False),
+                         _sampling_body(folded, V, exact=False, unit_temperature=True, shift=shift)],
                      b.op("Not", ["filtered"]), N, T, "fast", switch="unit_temperature")
     tok32, lp32, margin = _collect(b, fast, N, T)
     thin = b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])

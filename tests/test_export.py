@@ -143,3 +143,38 @@ def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint):
     rt, _ = sample_reference(model, *(torch.from_numpy(feeds[k]) for k in feeds))
     assert (tokens == rt.numpy()).all()
     assert set(tokens[:, 0].tolist()) <= {3, 4}
+
+
+def test_logit_shift_bounds_every_context_and_falls_back(tiny_checkpoint, splits):
+    """The static shift (graphs.logit_shift) keeps exp(logits - c) inside float32 for the contexts seen, and
+    a model whose logits it can't bound gets the per-row max instead, with the same exact parity."""
+    import onnxruntime as ort
+
+    from export.fold import fold_for_export
+    from export.graphs import build_sampler_model, logit_shift
+
+    model, vocab, _ = tiny_checkpoint
+    folded = fold_for_export(model)
+    c = logit_shift(folded)
+    assert c is not None  # so the parity tests above run the shifted fast path
+    X, _ = build_examples(splits["val"], vocab, model.cfg.block_size)
+    with torch.no_grad():
+        logits = folded(X) - c
+    assert logits.max() <= 60 and logits.max(dim=1).values.min() >= -60
+
+    loud = copy.deepcopy(model)
+    with torch.no_grad():
+        loud.lm_head.weight.mul_(50)  # logits up to ~50x larger: no shift is provable
+    folded = fold_for_export(loud)
+    assert logit_shift(folded) is None
+    sess = ort.InferenceSession(build_sampler_model(folded, model.cfg.block_size, {}).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    N, T = 2000, 10
+    feeds = {"context": rng.integers(0, 27, (N, model.cfg.block_size)).astype(np.int64),
+             "uniforms": rng.random((N, T), dtype=np.float32), "temperature": np.ones(N, np.float32),
+             "top_k": np.zeros(N, np.int64), "top_p": np.ones(N, np.float32), "max_tokens": np.full(N, T - 1, np.int64)}
+    tokens, logprob, _ = sess.run(None, feeds)
+    rt, rl = sample_reference(loud, *(torch.from_numpy(feeds[k]) for k in feeds))
+    assert (tokens == rt.numpy()).all()
+    assert np.allclose(logprob, rl.numpy(), atol=1e-4)

@@ -139,3 +139,28 @@ def test_calibrate_batchnorm_sets_exact_statistics():
                 assert torch.allclose(module.running_mean, x.mean(0), atol=1e-5)
                 assert torch.allclose(module.running_var, x.var(0), rtol=1e-4)
             x = module(x)  # eval mode: dropout is off, as it will be when serving
+
+
+def test_ema_matches_torch_averaged_model():
+    """trainer.train.EMA keeps the same average as torch's AveragedModel(use_buffers=True), only faster."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from trainer.train import EMA
+
+    torch.manual_seed(0)
+    m = MLP(ModelConfig(n_hidden=16))
+    ours, ref = EMA(m, 0.9), AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    X, Y = torch.randint(0, 27, (64, 3)), torch.randint(0, 27, (64,))
+    for _ in range(5):
+        opt.zero_grad()
+        m.loss(X, Y).backward()
+        opt.step()
+        ours.update(m)
+        ref.update_parameters(m)
+    theirs = ref.module.state_dict()
+    for k, v in ours.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(v, theirs[k]), k
+    ours.apply()
+    assert torch.equal(m.lm_head.weight, theirs["lm_head.weight"]) and m.batchnorms()[0].num_batches_tracked == 5

@@ -4,6 +4,8 @@
     python -m trainer.train --preset better    # wider/deeper, longer context, AdamW + cosine
 """
 import argparse
+import copy
+import itertools
 import json
 import math
 import sys
@@ -12,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from data.names import DataError, load_words, resolve_data_path
@@ -52,7 +54,9 @@ class TrainConfig:
 
 # The "better" preset stays in the BatchNorm MLP family so it exports and serves through the same pipeline.
 PRESETS = {
-    "baseline": (ModelConfig(), TrainConfig()),
+    # The lecture's recipe, evaluated as an EMA of the weights: batch-32 SGD ends noisy even at lr 0.01, and
+    # averaging the last ~10k steps measured val 2.1010 / 2.1005 (seeds 42 / 1) against 2.1055 without.
+    "baseline": (ModelConfig(), TrainConfig(ema=0.9999)),
     # Longer context, wider, 2 layers; AdamW + cosine; dropout after each tanh and an EMA of the weights
     # against overfitting (this much model memorises 25k names: train 1.68 vs val 2.00 without them).
     # No BN calibration here: with dropout + EMA it measured worse (val 1.9702 with, 1.9680 without).
@@ -66,6 +70,31 @@ PRESETS = {
         TrainConfig(steps=3_000, batch_size=64, lr=0.1, lr_final=0.01, eval_every=1_000, record_every=50),
     ),
 }
+
+
+class EMA:
+    """An exponential moving average of a model's weights and floating buffers (BatchNorm statistics), as
+    torch.optim.swa_utils.AveragedModel(use_buffers=True) keeps it, with the same update function. This
+    version keeps the tensor lists instead of regrouping them every step: 15 us per update against 276 us
+    for the 12k-parameter baseline, which was 55 s of its 200k steps."""
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model)
+        self._update = get_ema_multi_avg_fn(decay)
+        self.updates = 0
+        floats = lambda m: [t.detach() for t in itertools.chain(m.parameters(), m.buffers()) if t.is_floating_point()]  # noqa: E731
+        self._dst, self._src = floats(self.module), floats(model)
+
+    def update(self, model):
+        if self.updates == 0:  # the average starts at the weights after the first step
+            torch._foreach_copy_(self._dst, self._src)
+        else:
+            self._update(self._dst, self._src, None)
+        self.updates += 1
+
+    def apply(self):
+        """Give the source model the averaged values (its integer step counters stay its own)."""
+        torch._foreach_copy_(self._src, self._dst)
 
 
 @torch.no_grad()
@@ -99,7 +128,7 @@ def train(model, splits_xy, tc, device="cpu", progress=True):
     weights = plots.weight_params(model)  # every 2-D weight: (name, parameter)
     g = torch.Generator(device=device).manual_seed(tc.seed)
     # The averaged copy smooths out the last steps' noise; its BatchNorm running statistics are averaged too.
-    avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True) if tc.ema else None
+    avg = EMA(model, tc.ema) if tc.ema else None
     evaluated = avg.module if avg else model
     hist = {"loss": [], "val": [], "ud": [], "ud_steps": [], "ud_names": [n for n, _ in weights]}
     bar = tqdm(range(tc.steps), disable=not progress, mininterval=1.0, desc="train", unit="step")
@@ -115,7 +144,7 @@ def train(model, splits_xy, tc, device="cpu", progress=True):
             before = [p.detach().clone() for _, p in weights]
         opt.step()
         if avg:
-            avg.update_parameters(model)
+            avg.update(model)
         hist["loss"].append(loss.item())
         if step % tc.record_every == 0:
             # update:data = std of the actual change / std of the weights (log10; ~-3 is healthy)
@@ -129,7 +158,7 @@ def train(model, splits_xy, tc, device="cpu", progress=True):
             if not progress:
                 print(f"step {step + 1:7d}/{tc.steps}  loss {loss.item():.4f}  val {val:.4f}  lr {lr:.3g}")
     if avg:
-        model.load_state_dict(avg.module.state_dict())
+        avg.apply()
     if tc.calibrate_bn:
         calibrate_batchnorm(model, Xtr)
     model.cpu().eval()

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.fold import fold_for_export, max_logit_diff
+from export.fold import float64_reference, fold_for_export, max_logit_diff
 from export.graphs import OPSET, build_logits_model, build_sampler_model, logit_shift
 from trainer.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from trainer.dataset import build_examples, split_words
@@ -53,7 +53,7 @@ def export(checkpoint, out_dir):
     folded = fold_for_export(model)  # float64; each graph casts to its own dtype
     val = split_words(ckpt["words"], ckpt["split_seed"])["val"]
     Xva, _ = build_examples(val, vocab, model.cfg.block_size)
-    diff = max_logit_diff(model, copy.deepcopy(folded).float(), Xva)  # what float32 inference sees
+    diff = max_logit_diff(float64_reference(model), copy.deepcopy(folded).float(), Xva)  # what float32 inference sees
     if diff > FOLD_TOLERANCE:
         raise RuntimeError(f"folding changed the logits by {diff:.2e} > {FOLD_TOLERANCE:g}; refusing to export")
     sha = file_sha256(checkpoint)

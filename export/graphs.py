@@ -2,10 +2,11 @@
 
 model.onnx:   context int64 (N, block_size) -> logits float32 (N, vocab)
 sampler.onnx: the whole autoregressive loop of trainer/sampling.py in Loop nodes, so a batch of names is one
-              session run. Rows without top-k/top-p run in float32 (the fast path); every row whose uniform
-              came within MARGIN of a CDF boundary, and every filtered row, is redone in float64 (the exact
-              path), so the result equals the float64 specification: in float32, torch and ONNX Runtime round
-              matrix products differently (~1e-7) and about one name in 20,000 would differ. Finished rows
+              session run. Rows without top-p run in float32 (the fast path); every row whose uniform came
+              within MARGIN of a CDF boundary (or whose k-th and (k+1)-th largest logits came that close),
+              and every top-p row, is redone in float64 (the exact path), so the result equals the float64
+              specification: in float32, torch and ONNX Runtime round matrix products differently (~1e-7)
+              and about one name in 20,000 would differ. Finished rows
               are compacted out every step, so a batch costs about N x the mean name length in row-steps.
 Built by hand (not traced) so the graph is exactly the documented algorithm and nothing else.
 """
@@ -127,12 +128,32 @@ def _filter(b, d, w, V):
     return b.op("Transpose", [w], perm=[1, 0])  # (V, M)
 
 
+def _top_k32(b, s, wt, V):
+    """Fast-path top-k: zero the weights of tokens below the k-th largest s (as sampling.filter_weights: the
+    same set as for d = s / temperature), and return the gap between the k-th and (k+1)-th largest s.
+
+    s, wt: (V, M) float32. The kept set can only differ from float64's when that gap is within rounding
+    (~1e-6), so a gap under MARGIN counts as a thin margin and sends the row to the exact path.
+    -> weights (V, M), gap (1, M) (inf when k >= V: nothing is cut).
+    """
+    kidx = b.op("Gather", ["kidx_n1", "rows_in"])  # (M, 1): k - 1, V - 1 without top-k
+    ss = b.op("TopK", [b.op("Transpose", [s], perm=[1, 0]), b.const([V], dtype=np.int64)],
+              outputs=2, axis=1, largest=1, sorted=1)[0]  # (M, V) sorted, descending
+    kth = b.op("GatherElements", [ss, kidx], axis=1)  # (M, 1)
+    nxt = b.op("GatherElements", [ss, b.op("Min", [b.op("Add", [kidx, b.const(np.array(1, np.int64))]),
+                                                   b.const(np.array(V - 1, np.int64))])], axis=1)
+    cut = b.op("Less", [kidx, b.const(np.array(V - 1, np.int64))])  # (M, 1): some token is cut
+    gap = b.op("Where", [cut, b.op("Sub", [kth, nxt]), b.const(np.array(np.inf, np.float32))])
+    kth, gap = b.op("Transpose", [kth], perm=[1, 0]), b.op("Transpose", [gap], perm=[1, 0])  # (1, M)
+    return b.op("Where", [b.op("GreaterOrEqual", [s, kth]), wt, b.const(np.array(0.0, np.float32))]), gap
+
+
 def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shift=None):
     """Loop body: one sampling step for the M still-active rows (trainer/sampling.py, step by step).
 
-    exact=False: the fast path: float32, no filters, and each row's margin (how far u * total was from the
-    boundaries of the chosen token's CDF interval, relative to total and times the temperature).
-    exact=True: float64, with top-k/top-p when filtered. unit_temperature: every row has temperature 1, so
+    exact=False: the fast path: float32, top-k when filtered, and each row's margin (how far u * total was
+    from the boundaries of the chosen token's CDF interval, relative to total and times the temperature;
+    with top-k, at most the k-th to (k+1)-th logit gap). exact=True: float64, with top-k/top-p when filtered. unit_temperature: every row has temperature 1, so
     d = s and log(sum(exp(s))) = log(cdf[-1]): two fewer passes over (V, M); with a `shift` (logit_shift),
     the fast path also takes s = logits - shift instead of logits - max: four fewer nodes.
     Layout (V, M): a per-row value is a (1, M) row that broadcasts along contiguous memory. Reads per-row
@@ -141,6 +162,7 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     """
     dt, DT, sfx = (np.float64, DOUBLE, "64") if exact else (np.float32, FLOAT, "32")
     b = Builder(f"s{sfx}{'_t1' if unit_temperature else ''}{'_f' if filtered else ''}_")
+    assert not (filtered and unit_temperature and not exact), "the fast top-k body handles any temperature"
     static = shift is not None and unit_temperature and not exact
     w = weight_inits(b, folded, transposed=True, dtype=dt, head_shift=shift if static else 0.0)
     i, ctx, rows = "i", "ctx_in", "rows_in"  # ctx (M, block_size) int64, rows (M,) original row ids
@@ -157,8 +179,11 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     temp = None if unit_temperature else b.op("Gather", [f"temp{sfx}_1n", rows], axis=1)  # (1, M)
     d = s if unit_temperature else b.op("Div", [s, temp])
     wt = b.op("Exp", [d])  # (V, M) unnormalised weights, max 1 (or e^+-60 at most with a shift)
-    if filtered:
+    kgap = None
+    if filtered and exact:
         wt = _filter(b, d, wt, V)
+    elif filtered:
+        wt, kgap = _top_k32(b, s, wt, V)
     # Inverse CDF: the count of cdf entries <= x = u * total * (1 - 2^-23) (the factor, folded into the
     # uniforms, keeps x < total, so the pick is always a token with w > 0; u = -1 forces the end token).
     cdf = b.op("CumSum", [wt, b.const(np.array(0, np.int64))])  # (V, M)
@@ -180,6 +205,8 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
         margin = b.op("Div", [b.op("Abs", [b.op("Min", [b.op("Sub", [x, lower]), b.op("Sub", [upper, x])])]), total])
         if temp is not None:
             margin = b.op("Mul", [margin, temp])  # errors scale with 1 / temperature
+        if kgap is not None:
+            margin = b.op("Min", [margin, kgap])
     out = b.op("Concat", [tok_f, lp, margin], axis=0)  # (3, M)
     b.op("ScatterND", [f"base{sfx}", b.op("Unsqueeze", [rows, ax1]), b.op("Transpose", [out], perm=[1, 0])],
          outputs=["step_n"])  # (N, 3): rows that finished keep the base [0, 0, inf]
@@ -203,22 +230,31 @@ def _loop_node(body, inputs, out):
     return helper.make_node("Loop", inputs, [out + "_ctx", out + "_rows", out], body=body)
 
 
-def _run_loop(b, bodies, select, N, T, hint, switch=None):
+def _dispatch(tree, inputs, out):
+    """A Loop node running `tree`'s body: a body, or (condition, tree if false, tree if true), decided by
+    If nodes outside the loop (once per run, not per step)."""
+    if isinstance(tree, onnx.GraphProto):
+        return _loop_node(tree, inputs, out)
+    cond, no, yes = tree
+    leaf = yes
+    while not isinstance(leaf, onnx.GraphProto):
+        leaf = leaf[1]
+    vi = helper.make_tensor_value_info(out + "_b", leaf.output[3].type.tensor_type.elem_type, None)
+    branch = lambda t: helper.make_graph([_dispatch(t, inputs, out + "_b")], out, [], [vi])  # noqa: E731
+    return helper.make_node("If", [cond], [out], then_branch=branch(yes), else_branch=branch(no))
+
+
+def _run_loop(b, tree, select, N, T, hint):
     """Loop over the rows where select (N,) is true -> (steps, N, 3) scan output [token, logprob, margin].
 
-    bodies: one body, or (general, special) chosen once by the boolean `switch`, outside the loop.
+    tree: the loop body, or bodies to choose from once (see _dispatch).
     """
     zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
     rows0 = b.op("Compress", [b.op("Range", [zero, N, one]), select], axis=0)
     ctx0 = b.op("Compress", ["context", select], axis=0)
     cond0 = b.op("Greater", [b.op("Size", [rows0]), zero])
-    inputs, out = [T, cond0, ctx0, rows0], b.name(hint)
-    if len(bodies) == 1:
-        b.nodes.append(_loop_node(bodies[0], inputs, out))
-    else:
-        branch = lambda body: helper.make_graph([_loop_node(body, inputs, out + "_b")], hint, [],  # noqa: E731
-                                                [helper.make_tensor_value_info(out + "_b", body.output[3].type.tensor_type.elem_type, None)])
-        b.op("If", [switch], outputs=[out], then_branch=branch(bodies[1]), else_branch=branch(bodies[0]))
+    out = b.name(hint)
+    b.nodes.append(_dispatch(tree, [T, cond0, ctx0, rows0], out))
     # Reshape: when no step ran ORT leaves the scan output shaped (0, 0, 0).
     shape = b.op("Concat", [b.const([-1], dtype=np.int64), b.op("Unsqueeze", [N, zero]), b.const([3], dtype=np.int64)], axis=0)
     return b.op("Reshape", [out, shape])  # (steps, N, 3)
@@ -251,14 +287,12 @@ def _exact_stage(folded, V, N, T, tok32, lp32, exact):
     b.op("Unsqueeze", [b.op("Cast", ["temperature"], to=DOUBLE), ax0], outputs=["temp64_1n"])
     b.op("Unsqueeze", [b.op("Mul", [b.op("Cast", ["u_t"], to=DOUBLE), b.const(np.array(1 - 2**-23, np.float64))]), ax1],
          outputs=["uniforms64_t"])  # (T, 1, N)
-    # top_k = 0 means the V-th largest, i.e. keep all; top_p >= 1 means 2, so no token is ever outside.
-    k = b.op("Where", ["use_k", b.op("Min", ["top_k", b.const(np.array(V, np.int64))]), b.const(np.array(V, np.int64))])
-    b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=["kidx_n1"])
+    # top_p >= 1 means 2, so no token is ever outside the nucleus.
     topp = b.op("Where", ["use_p", b.op("Cast", ["top_p"], to=DOUBLE), b.const(np.array(2.0, np.float64))])
     b.op("Unsqueeze", [topp, ax1], outputs=["topp_n1"])
     any_filtered = b.op("Greater", [b.op("ReduceMax", [b.op("Cast", ["filtered"], to=INT64)], keepdims=0), zero])
-    bodies = [_sampling_body(folded, V, exact=True), _sampling_body(folded, V, exact=True, filtered=True)]
-    tok64, lp64, _ = _collect(b, _run_loop(b, bodies, exact, N, T, "exact", switch=any_filtered), N, T)
+    bodies = (any_filtered, _sampling_body(folded, V, exact=True), _sampling_body(folded, V, exact=True, filtered=True))
+    tok64, lp64, _ = _collect(b, _run_loop(b, bodies, exact, N, T, "exact"), N, T)
     b.op("Where", [b.op("Unsqueeze", [exact, ax1]), tok64, tok32], outputs=["tokens_x"])
     b.op("Cast", [b.op("Where", [exact, lp64, lp32])], outputs=["logprob_x"], to=FLOAT)
     vi = helper.make_tensor_value_info
@@ -285,14 +319,19 @@ def build_sampler_model(folded, block_size, metadata):
     b.op("Greater", ["top_k", zero], outputs=["use_k"])
     b.op("Less", ["top_p", b.const(np.array(1.0, np.float32))], outputs=["use_p"])
     b.op("Or", ["use_k", "use_p"], outputs=["filtered"])
-    # Fast path: float32, rows without filters. Exact path: float64, rows with filters or a thin margin.
-    shift = logit_shift(folded)
-    fast = _run_loop(b, [_sampling_body(folded, V, exact=False),
-                         _sampling_body(folded, V, exact=False, unit_temperature=True, shift=shift)],
-                     b.op("Not", ["filtered"]), N, T, "fast", switch="unit_temperature")
+    # top_k = 0 keeps all: the threshold is then the V-th largest.
+    k = b.op("Where", ["use_k", b.op("Min", ["top_k", b.const(np.array(V, np.int64))]), b.const(np.array(V, np.int64))])
+    b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=["kidx_n1"])  # (N, 1)
+    # Fast path: float32, rows without top-p. Exact path: float64, top-p rows and rows with a thin margin.
+    # The fast body is picked once per run: with top-k if a fast row uses it, else the cheapest that fits.
+    fast_rows = b.op("Not", ["use_p"])
+    any_k = b.op("Greater", [b.op("ReduceMax", [b.op("Cast", [b.op("And", ["use_k", fast_rows])], to=INT64)], keepdims=0), zero])
+    plain = ("unit_temperature", _sampling_body(folded, V, exact=False),
+             _sampling_body(folded, V, exact=False, unit_temperature=True, shift=logit_shift(folded)))
+    fast = _run_loop(b, (any_k, plain, _sampling_body(folded, V, exact=False, filtered=True)), fast_rows, N, T, "fast")
     tok32, lp32, margin = _collect(b, fast, N, T)
     thin = b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])
-    exact = b.op("Or", ["filtered", thin], outputs=["rechecked"])
+    exact = b.op("Or", ["use_p", thin], outputs=["rechecked"])
     any_exact = b.op("Greater", [b.op("ReduceMax", [b.op("Cast", [exact], to=INT64)], keepdims=0), zero])
     vi = helper.make_tensor_value_info
     fast_only = helper.make_graph(

@@ -153,9 +153,11 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
 
     exact=False: the fast path: float32, top-k when filtered, and each row's margin (how far u * total was
     from the boundaries of the chosen token's CDF interval, relative to total and times the temperature;
-    with top-k, at most the k-th to (k+1)-th logit gap). exact=True: float64, with top-k/top-p when filtered. unit_temperature: every row has temperature 1, so
-    d = s and log(sum(exp(s))) = log(cdf[-1]): two fewer passes over (V, M); with a `shift` (logit_shift),
-    the fast path also takes s = logits - shift instead of logits - max: four fewer nodes.
+    with top-k, at most the gap between the k-th and (k+1)-th largest logits).
+    exact=True: float64, with top-k/top-p when filtered.
+    unit_temperature: every row has temperature 1, so d = s and log(sum(exp(s))) = log(cdf[-1]): two fewer
+    passes over (V, M); with a `shift` (logit_shift), the fast path also takes s = logits - shift instead
+    of logits - max: four fewer nodes.
     Layout (V, M): a per-row value is a (1, M) row that broadcasts along contiguous memory. Reads per-row
     settings shaped (1, N) / (N, 1), uniforms as (T, 1, N) and the scan-output base (N, 3) from the outer graph.
     Emits one scan output (N, 3) per step: [token, logprob, margin] scattered to the rows' original slots.

@@ -53,6 +53,12 @@ def float64_reference(model):
     return copy.deepcopy(model).double().eval()
 
 
+def folded_logit_error(model, folded, X):
+    """Max |logit difference| over X between the folded model as the graphs run it (float32) and the
+    unfolded eval model in float64: the export's fold check, and verify's "folded" figure."""
+    return max_logit_diff(float64_reference(model), copy.deepcopy(folded).float(), X)
+
+
 @torch.no_grad()
 def max_logit_diff(a, b, X, batch=65536):
     """Max |a(X) - b(X)| over all rows of X (both models in eval mode)."""

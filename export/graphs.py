@@ -57,13 +57,13 @@ def weight_inits(b, folded, transposed=False, dtype=np.float32, head_shift=0.0):
     """Register the folded model's tensors as initializers; returns their names. head_shift is subtracted
     from the output bias (in float64, before the cast), so the graph's logits are logits - head_shift."""
     f32 = lambda t: t.detach().cpu().double().numpy().astype(dtype)  # noqa: E731
+    bias = f32(folded.lm_head.bias - head_shift)
     return {
         "wte": b.const(f32(folded.wte.weight), "wte"),
         "layers": [(b.const(f32(l.weight), f"W{i}"), b.const(f32(l.bias), f"b{i}")) for i, l in enumerate(folded.linears)],
         "head_w": b.const(f32(folded.lm_head.weight), "head_w"),
         # (V, 1) bias for the transposed head, (V,) for the plain one
-        "head_b_col" if transposed else "head_b": b.const(f32(folded.lm_head.bias - head_shift)[:, None] if transposed
-                                                          else f32(folded.lm_head.bias - head_shift), "head_b"),
+        "head_b_col" if transposed else "head_b": b.const(bias[:, None] if transposed else bias, "head_b"),
     }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.fold import float64_reference, fold_for_export, max_logit_diff
+from export.fold import float64_reference, fold_for_export, folded_logit_error
 from export.reference import reference_generate
 from service.engine import Engine, ModelFileError, ProviderError
 from service.params import GenerateParams
@@ -34,13 +34,12 @@ GRID = {  # 3 * 2 * 2 * 3 = 36 settings, cycled over seeds
 
 
 def logits_parity(model, engine, X):
-    folded = fold_for_export(model).float()  # the weights the exported graphs carry, as float32 inference sees them
     onnx_logits = np.concatenate([engine.logits_model.run(None, {"context": X[i : i + 16384].numpy()})[0]
                                   for i in range(0, len(X), 16384)])
-    exact = float64_reference(model)
     with torch.no_grad():
-        ref = exact(X).numpy()
-    return {"fold_vs_torch": max_logit_diff(exact, folded, X), "onnx_vs_torch": float(np.abs(onnx_logits - ref).max())}
+        ref = float64_reference(model)(X).numpy()
+    return {"fold_vs_torch": folded_logit_error(model, fold_for_export(model), X),
+            "onnx_vs_torch": float(np.abs(onnx_logits - ref).max())}
 
 
 def names_parity(model, vocab, words, engine, names_per_setting, seeds=(0, 1, 2, 3)):

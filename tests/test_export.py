@@ -103,6 +103,19 @@ def test_top_k_1_is_greedy(cpu_engine, tiny_checkpoint):
         assert got == {name}
 
 
+def unit_feeds(context, uniforms, max_tokens, top_k=0):
+    """sampler.onnx's inputs for rows at temperature 1 without top-p."""
+    N = len(context)
+    return {"context": np.asarray(context, np.int64), "uniforms": uniforms, "temperature": np.ones(N, np.float32),
+            "top_k": np.broadcast_to(np.asarray(top_k, np.int64), (N,)).copy(), "top_p": np.ones(N, np.float32),
+            "max_tokens": np.full(N, max_tokens, np.int64)}
+
+
+def spec(model, feeds):
+    """The float64 specification (sampling.sample_reference) on sampler.onnx's inputs -> tokens, logprob."""
+    return sample_reference(model, *(torch.from_numpy(feeds[k]) for k in feeds))
+
+
 def test_sampler_graph_vs_spec_on_random_rows(cpu_engine, tiny_checkpoint):
     """Per-row settings mixed inside one batch, straight through the graph."""
     model, _, _ = tiny_checkpoint
@@ -117,7 +130,7 @@ def test_sampler_graph_vs_spec_on_random_rows(cpu_engine, tiny_checkpoint):
         "max_tokens": rng.integers(0, T + 1, N).astype(np.int64),
     }
     tokens, logprob, rechecked = cpu_engine.sampler.run(None, feeds)
-    rt, rl = sample_reference(model, *(torch.from_numpy(feeds[k]) for k in feeds))
+    rt, rl = spec(model, feeds)
     assert (tokens == rt.numpy()).all()
     assert np.allclose(logprob, rl.numpy(), atol=1e-4)
     assert (tokens[feeds["max_tokens"] == 0] == 0).all()
@@ -136,11 +149,10 @@ def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint):
     boundary = np.float32(cdf[3].item())
     u = np.full((N, 1), boundary, np.float32)
     u[: N // 2, 0] = np.nextafter(boundary, np.float32(0))  # one float32 step below the boundary
-    feeds = {"context": ctx.numpy(), "uniforms": u, "temperature": np.ones(N, np.float32),
-             "top_k": np.zeros(N, np.int64), "top_p": np.ones(N, np.float32), "max_tokens": np.ones(N, np.int64)}
+    feeds = unit_feeds(ctx.numpy(), u, max_tokens=1)
     tokens, _, rechecked = cpu_engine.sampler.run(None, feeds)
     assert rechecked.all()
-    rt, _ = sample_reference(model, *(torch.from_numpy(feeds[k]) for k in feeds))
+    rt, _ = spec(model, feeds)
     assert (tokens == rt.numpy()).all()
     assert set(tokens[:, 0].tolist()) <= {3, 4}
 
@@ -171,11 +183,9 @@ def test_logit_shift_bounds_every_context_and_falls_back(tiny_checkpoint, splits
                                 providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     N, T = 2000, 10
-    feeds = {"context": rng.integers(0, 27, (N, model.cfg.block_size)).astype(np.int64),
-             "uniforms": rng.random((N, T), dtype=np.float32), "temperature": np.ones(N, np.float32),
-             "top_k": np.zeros(N, np.int64), "top_p": np.ones(N, np.float32), "max_tokens": np.full(N, T - 1, np.int64)}
+    feeds = unit_feeds(rng.integers(0, 27, (N, model.cfg.block_size)), rng.random((N, T), dtype=np.float32), T - 1)
     tokens, logprob, _ = sess.run(None, feeds)
-    rt, rl = sample_reference(loud, *(torch.from_numpy(feeds[k]) for k in feeds))
+    rt, rl = spec(loud, feeds)
     assert (tokens == rt.numpy()).all()
     assert np.allclose(logprob, rl.numpy(), atol=1e-4)
 
@@ -195,11 +205,9 @@ def test_thin_top_k_gap_takes_the_exact_path(cpu_engine, tiny_checkpoint):
     gaps = s[:, :-1] - s[:, 1:]  # gap between the (r+1)-th and (r+2)-th largest
     c, r = (gaps < MARGIN / 10).nonzero(as_tuple=True)
     assert len(c) >= 5
-    N = len(c)
-    feeds = {"context": ctx[c].numpy(), "uniforms": np.random.default_rng(0).random((N, 2), dtype=np.float32),
-             "temperature": np.ones(N, np.float32), "top_k": (r + 1).numpy(), "top_p": np.ones(N, np.float32),
-             "max_tokens": np.ones(N, np.int64)}
+    u = np.random.default_rng(0).random((len(c), 2), dtype=np.float32)
+    feeds = unit_feeds(ctx[c].numpy(), u, max_tokens=1, top_k=(r + 1).numpy())
     tokens, _, rechecked = cpu_engine.sampler.run(None, feeds)
     assert rechecked.all()
-    rt, _ = sample_reference(model, *(torch.from_numpy(feeds[k]) for k in feeds))
+    rt, _ = spec(model, feeds)
     assert (tokens == rt.numpy()).all()

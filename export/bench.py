@@ -25,9 +25,10 @@ from trainer.sampling import sample_reference
 T = DEFAULT_MAX_LENGTH + 1  # uniform columns: max_length characters, then the forced end token
 
 
-def timed(fn, n_names, min_seconds):
-    """names/s of fn() (which makes n_names names), repeated for at least min_seconds after one warm-up."""
-    fn()
+def timed(fn, n_names, min_seconds, warm=True):
+    """names/s of fn() (which makes n_names names), repeated for at least min_seconds (after one warm-up call)."""
+    if warm:
+        fn()
     reps, t0 = 0, time.perf_counter()
     while True:
         fn()
@@ -35,6 +36,16 @@ def timed(fn, n_names, min_seconds):
         dt = time.perf_counter() - t0
         if dt >= min_seconds:
             return reps * n_names / dt, dt / reps
+
+
+def single_latency(engine, calls=2000):
+    """p50, p99 ms of one-name generate calls, back to back (the first 100 not counted)."""
+    one, lat = GenerateParams(num_samples=1, seed=1), []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        engine.generate(one)
+        lat.append(time.perf_counter() - t0)
+    return tuple(np.percentile(lat[100:], [50, 99]) * 1e3)
 
 
 @torch.inference_mode()
@@ -67,6 +78,34 @@ def plain_batched(model, n, g):
     return out
 
 
+def summarize(rounds, plan, engines, n_rounds):
+    """Median and range over rounds of every measurement, and of the per-round ratios; printed as a table."""
+    spread = lambda xs: {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}  # noqa: E731
+    res = {"rounds": n_rounds, "results": []}
+    print(f"\nsummary over {n_rounds} round(s): median names/s (min-max)")
+    for method, batch, _, _ in plan:
+        xs = [speed[(method, batch)] for speed, _ in rounds]
+        res["results"].append({"method": method, "batch": batch, "names_per_s": spread(xs), "per_round": xs})
+        print(f"  {method:<28} batch {batch:>6}  {np.median(xs):>12,.0f}  ({min(xs):,.0f}-{max(xs):,.0f})")
+    for provider in engines:
+        engine_keys = [(m, b) for m, b, _, _ in plan if m == f"onnx engine {provider} (c)"]
+        torch_keys = [(m, b) for m, b, _, _ in plan if m.startswith("torch") and "batched" in m]
+        # Per round: the engine's best batch size against the loop (a) and against the best torch batched run.
+        vs_a = [max(s[k] for k in engine_keys) / s[("torch one-at-a-time (a)", 1)] for s, _ in rounds]
+        vs_b = [max(s[k] for k in engine_keys) / max(s[k] for k in torch_keys) for s, _ in rounds]
+        best = max(engine_keys, key=lambda k: np.median([s[k] for s, _ in rounds]))
+        p50s, p99s = [lat[provider][0] for _, lat in rounds], [lat[provider][1] for _, lat in rounds]
+        res[f"engine_{provider}"] = {
+            "best_batch": best[1], "vs_one_at_a_time": spread(vs_a), "vs_best_torch_batched": spread(vs_b),
+            "single_name_p50_ms": spread(p50s), "single_name_p99_ms": spread(p99s),
+        }
+        print(f"engine {provider}: best batch {best[1]}; per round {min(vs_a):.0f}-{max(vs_a):.0f}x one-at-a-time "
+              f"(median {np.median(vs_a):.0f}x), {min(vs_b):.1f}-{max(vs_b):.1f}x best torch batched "
+              f"(median {np.median(vs_b):.1f}x); single name p50 {min(p50s):.3f}-{max(p50s):.3f} ms, "
+              f"p99 {min(p99s):.3f}-{max(p99s):.3f} ms")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="artifacts", help="folder with model.pt and the ONNX artifacts")
@@ -75,66 +114,57 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads, and engine threads (row shards sampled at once); 0 = all cores")
     p.add_argument("--providers", default="cpu,cuda", help="engine providers; cuda is skipped where it can't load")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure everything this many times, interleaved; report medians and per-round ratios")
     args = p.parse_args(argv)
     try:
         sizes = [int(s) for s in args.batch_sizes.split(",")]
     except ValueError:
         p.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
-    if args.threads < 0 or min(sizes) < 1 or args.min_seconds <= 0:
-        p.error("--threads must be >= 0, --batch-sizes >= 1 and --min-seconds > 0")
+    if args.threads < 0 or min(sizes) < 1 or args.min_seconds <= 0 or args.rounds < 1:
+        p.error("--threads must be >= 0, --batch-sizes >= 1, --min-seconds > 0 and --rounds >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bench: model_dir={args.model_dir} batch_sizes={sizes} min_seconds={args.min_seconds} "
-          f"threads={args.threads or 'all'} cores={os.cpu_count()} torch_threads={torch.get_num_threads()} max_length={T - 1}")
+          f"rounds={args.rounds} threads={args.threads or 'all'} cores={os.cpu_count()} torch_threads={torch.get_num_threads()} max_length={T - 1}")
     try:
         model, _, ckpt = load_checkpoint(Path(args.model_dir) / "model.pt")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     g = torch.Generator().manual_seed(0)
-    res = {"config": ckpt["model_config"], "cores": os.cpu_count(), "results": []}
+    engines = {}
+    for provider in args.providers.split(","):
+        try:
+            engines[provider] = Engine(args.model_dir, provider=provider, threads=args.threads, max_rows=max(sizes))
+        except ProviderError as e:
+            print(f"  engine {provider}: skipped ({e})")
 
-    def record(method, batch, names_s, seconds):
-        res["results"].append({"method": method, "batch": batch, "names_per_s": names_s, "seconds_per_call": seconds})
-        print(f"  {method:<28} batch {batch:>6}  {names_s:>12,.0f} names/s  {seconds * 1e3:>10.3f} ms/call", flush=True)
-
-    n = 200
-    record("torch one-at-a-time (a)", 1, *timed(lambda: one_at_a_time(model, n, g), n, args.min_seconds))
+    # Every measurement, in the order of a round. Rounds repeat the whole list, so each method meets the
+    # same slow and fast phases of a shared machine, and ratios are taken within a round.
+    plan = [("torch one-at-a-time (a)", 1, lambda: one_at_a_time(model, 200, g), 200)]
     for b in sizes:
         args_b = (torch.zeros(b, model.cfg.block_size, dtype=torch.long), torch.rand(b, T, generator=g),
                   torch.ones(b), torch.zeros(b, dtype=torch.long), torch.ones(b), torch.full((b,), T - 1))
-        record("torch reference batched (b)", b, *timed(lambda: sample_reference(model, *args_b), b, args.min_seconds))
-        record("torch plain batched (b)", b, *timed(lambda: plain_batched(model, b, g), b, args.min_seconds))
-    for provider in args.providers.split(","):
-        try:
-            engine = Engine(args.model_dir, provider=provider, threads=args.threads, max_rows=max(sizes))
-        except ProviderError as e:
-            print(f"  engine {provider}: skipped ({e})")
-            continue
+        plan.append(("torch reference batched (b)", b, lambda a=args_b: sample_reference(model, *a), b))
+        plan.append(("torch plain batched (b)", b, lambda b=b: plain_batched(model, b, g), b))
+    for provider, engine in engines.items():
         for b in sizes:
-            params = GenerateParams(num_samples=b, seed=1)
-            record(f"onnx engine {provider} (c)", b, *timed(lambda: engine.generate(params), b, args.min_seconds))
-        lat = []
-        one = GenerateParams(num_samples=1, seed=1)
-        for _ in range(2000):
-            t0 = time.perf_counter()
-            engine.generate(one)
-            lat.append(time.perf_counter() - t0)
-        p50, p99 = np.percentile(lat[100:], [50, 99]) * 1e3
-        res["results"].append({"method": f"onnx engine {provider} single-name latency", "p50_ms": p50, "p99_ms": p99})
-        print(f"  onnx engine {provider} single-name latency: p50 {p50:.3f} ms  p99 {p99:.3f} ms")
+            plan.append((f"onnx engine {provider} (c)", b, lambda e=engine, p=GenerateParams(num_samples=b, seed=1): e.generate(p), b))
 
-    best = lambda prefix: max((r for r in res["results"] if r["method"].startswith(prefix)), key=lambda r: r["names_per_s"])  # noqa: E731
-    a = best("torch one-at-a-time")
-    bt = max((r for r in res["results"] if r["method"].startswith("torch") and "batched" in r["method"]), key=lambda r: r["names_per_s"])
-    print(f"\nbest torch batched: {bt['method']} at batch {bt['batch']}: {bt['names_per_s']:,.0f} names/s")
-    for provider in args.providers.split(","):
-        rows = [r for r in res["results"] if r["method"] == f"onnx engine {provider} (c)"]
-        if rows:
-            e = max(rows, key=lambda r: r["names_per_s"])
-            ratios = {"vs_one_at_a_time": e["names_per_s"] / a["names_per_s"], "vs_best_torch_batched": e["names_per_s"] / bt["names_per_s"]}
-            res[f"engine_{provider}_best"] = {**e, **ratios}
-            print(f"engine {provider} best: batch {e['batch']}: {e['names_per_s']:,.0f} names/s = "
-                  f"{ratios['vs_one_at_a_time']:.0f}x one-at-a-time, {ratios['vs_best_torch_batched']:.1f}x best torch batched")
+    rounds = []  # per round: {(method, batch): names/s}, and single-name latencies per provider
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+        speed, lat = {}, {}
+        for method, batch, fn, n in plan:
+            names_s, seconds = timed(fn, n, args.min_seconds, warm=r == 0)
+            speed[(method, batch)] = names_s
+            print(f"  {method:<28} batch {batch:>6}  {names_s:>12,.0f} names/s  {seconds * 1e3:>10.3f} ms/call", flush=True)
+        for provider, engine in engines.items():
+            lat[provider] = single_latency(engine)
+            print(f"  onnx engine {provider} single-name latency: p50 {lat[provider][0]:.3f} ms  p99 {lat[provider][1]:.3f} ms")
+        rounds.append((speed, lat))
+    res = summarize(rounds, plan, engines, args.rounds)
+    res.update(config=ckpt["model_config"], cores=os.cpu_count())
     out = Path(args.model_dir) / "bench.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")

@@ -283,7 +283,7 @@ def _exact_stage(folded, V, N, T, tok32, lp32, exact):
     Everything only the exact path needs is prepared here, so a batch without such rows skips all of it.
     """
     b = Builder("x_")
-    zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
+    zero = b.const(np.array(0, np.int64))
     ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
     b.op("Expand", [b.const(np.array([[0.0, 0.0, np.inf]], np.float64)), "N3"], outputs=["base64"])
     b.op("Unsqueeze", [b.op("Cast", ["temperature"], to=DOUBLE), ax0], outputs=["temp64_1n"])

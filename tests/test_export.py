@@ -211,3 +211,25 @@ def test_thin_top_k_gap_takes_the_exact_path(cpu_engine, tiny_checkpoint):
     assert rechecked.all()
     rt, _ = spec(model, feeds)
     assert (tokens == rt.numpy()).all()
+
+
+def test_bench_rounds_write_medians_and_per_round_ratios(tiny_model_dir, tmp_path, capsys):
+    """`make bench`'s tool end to end on the tiny model (structure only: speed is reported, not asserted)."""
+    import shutil
+
+    from export.bench import main as bench_main
+
+    for f in ("model.pt", "model.onnx", "sampler.onnx"):
+        shutil.copy(tiny_model_dir / f, tmp_path / f)
+    bench_main(["--model-dir", str(tmp_path), "--batch-sizes", "1,8", "--min-seconds", "0.01", "--rounds", "2",
+                "--providers", "cpu"])
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["rounds"] == 2
+    methods = {(r["method"], r["batch"]) for r in res["results"]}
+    assert ("torch one-at-a-time (a)", 1) in methods and ("onnx engine cpu (c)", 8) in methods
+    for r in res["results"]:
+        assert len(r["per_round"]) == 2 and all(x > 0 for x in r["per_round"])
+        assert r["names_per_s"]["min"] <= r["names_per_s"]["median"] <= r["names_per_s"]["max"]
+    eng = res["engine_cpu"]
+    assert eng["best_batch"] in (1, 8) and eng["vs_one_at_a_time"]["min"] > 0 and eng["single_name_p50_ms"]["median"] > 0
+    assert "summary over 2 round(s)" in capsys.readouterr().out

@@ -2,12 +2,12 @@
 
 model.onnx:   context int64 (N, block_size) -> logits float32 (N, vocab)
 sampler.onnx: the whole autoregressive loop of trainer/sampling.py in Loop nodes, so a batch of names is one
-              session run. Rows without top-p run in float32 (the fast path); every row whose uniform came
-              within MARGIN of a CDF boundary (or whose k-th and (k+1)-th largest logits came that close),
-              and every top-p row, is redone in float64 (the exact path), so the result equals the float64
-              specification: in float32, torch and ONNX Runtime round matrix products differently (~1e-7)
-              and about one name in 20,000 would differ. Finished rows
-              are compacted out every step, so a batch costs about N x the mean name length in row-steps.
+              session run. Every row runs in float32 (the fast path); every row whose uniform came within
+              MARGIN of a CDF boundary (or whose top-k / top-p choice came that close, see _filter32) is
+              redone in float64 (the exact path), so the result equals the float64 specification: in
+              float32, torch and ONNX Runtime round matrix products differently (~1e-7) and about one name
+              in 20,000 would differ. Finished rows are compacted out every step, so a batch costs about
+              N x the mean name length in row-steps.
 Built by hand (not traced) so the graph is exactly the documented algorithm and nothing else.
 """
 import numpy as np
@@ -128,33 +128,60 @@ def _filter(b, d, w, V):
     return b.op("Transpose", [w], perm=[1, 0])  # (V, M)
 
 
-def _top_k32(b, s, wt, V):
-    """Fast-path top-k: zero the weights of tokens below the k-th largest s (as sampling.filter_weights: the
-    same set as for d = s / temperature), and return the gap between the k-th and (k+1)-th largest s.
+def _filter32(b, s, wt, temp, V, top_p):
+    """Fast-path top-k and top-p (sampling.filter_weights) in float32, with the margins that tell when
+    float32 could keep another set of tokens than float64.
 
-    s, wt: (V, M) float32. The kept set can only differ from float64's when that gap is within rounding
-    (~1e-6), so a gap under MARGIN counts as a thin margin and sends the row to the exact path.
-    -> weights (V, M), gap (1, M) (inf when k >= V: nothing is cut).
+    s, wt: (V, M) float32 logits - max and weights exp(s / temperature); temp: (1, M).
+    Both filters keep the tokens whose s reaches a threshold: the k-th largest s, and the s of the least
+    likely nucleus token (p is increasing in s, so p >= pmin is s >= its s; exact p ties are caught below).
+    Margins, any under MARGIN sends the row to the exact path:
+    - top-k: the gap between the k-th and (k+1)-th largest s;
+    - top-p: how close any sorted token's preceding mass came to top_p (where membership is decided),
+      times the temperature as for the CDF margin; and the gap between the s of the nucleus's least
+      likely token and the next s (a near-tie in p just outside it is a near-tie in s).
+      At top_p 0.9 this rechecks ~1 name in 7 (some step's nucleus boundary falls that close).
+    Rows without top-p (top_p 2) have preceding masses <= 1, a distance >= 1 from it: never thin.
+    top_p=False: top-k only (a run where no row asks for top-p skips the nucleus's ~20 nodes).
+    -> weights (V, M), margin (1, M).
     """
+    zero, inf = b.const(np.array(0.0, np.float32)), b.const(np.array(np.inf, np.float32))
+    last, one_i = b.const(np.array(V - 1, np.int64)), b.const(np.array(1, np.int64))
+    ax1 = b.const([1], dtype=np.int64)
     kidx = b.op("Gather", ["kidx_n1", "rows_in"])  # (M, 1): k - 1, V - 1 without top-k
     ss = b.op("TopK", [b.op("Transpose", [s], perm=[1, 0]), b.const([V], dtype=np.int64)],
               outputs=2, axis=1, largest=1, sorted=1)[0]  # (M, V) sorted, descending
     kth = b.op("GatherElements", [ss, kidx], axis=1)  # (M, 1)
-    nxt = b.op("GatherElements", [ss, b.op("Min", [b.op("Add", [kidx, b.const(np.array(1, np.int64))]),
-                                                   b.const(np.array(V - 1, np.int64))])], axis=1)
-    cut = b.op("Less", [kidx, b.const(np.array(V - 1, np.int64))])  # (M, 1): some token is cut
-    gap = b.op("Where", [cut, b.op("Sub", [kth, nxt]), b.const(np.array(np.inf, np.float32))])
-    kth, gap = b.op("Transpose", [kth], perm=[1, 0]), b.op("Transpose", [gap], perm=[1, 0])  # (1, M)
-    return b.op("Where", [b.op("GreaterOrEqual", [s, kth]), wt, b.const(np.array(0.0, np.float32))]), gap
+    nxt = b.op("GatherElements", [ss, b.op("Min", [b.op("Add", [kidx, one_i]), last])], axis=1)
+    kgap = b.op("Where", [b.op("Less", [kidx, last]), b.op("Sub", [kth, nxt]), inf])  # (M, 1); inf: nothing cut
+    if not top_p:
+        thr = b.op("Transpose", [kth], perm=[1, 0])  # (1, M)
+        return b.op("Where", [b.op("GreaterOrEqual", [s, thr]), wt, zero]), b.op("Transpose", [kgap], perm=[1, 0])
+    # The nucleus over the sorted weights: the same exp(s / temperature) values as wt, zero outside top-k.
+    kept = b.op("GreaterOrEqual", [ss, kth])
+    tcol = b.op("Transpose", [temp], perm=[1, 0])  # (M, 1)
+    ws = b.op("Where", [kept, b.op("Exp", [b.op("Div", [ss, tcol])]), zero])  # (M, V)
+    ps = b.op("Div", [ws, b.op("ReduceSum", [ws, ax1], keepdims=1)])
+    before = b.op("Sub", [b.op("CumSum", [ps, b.const(np.array(1, np.int64))]), ps])  # mass of more likely tokens
+    topp = b.op("Gather", ["topp32_n1", "rows_in"])  # (M, 1); 2 without top-p
+    inside = b.op("Cast", [b.op("Less", [before, topp])], to=INT64)
+    n_in = b.op("ReduceSum", [inside, ax1], keepdims=1)  # (M, 1) >= 1: the first token is always inside
+    s_min = b.op("GatherElements", [ss, b.op("Sub", [n_in, one_i])], axis=1)  # s of the least likely nucleus token
+    s_out = b.op("GatherElements", [ss, b.op("Min", [n_in, last])], axis=1)  # s of the most likely token outside
+    sgap = b.op("Where", [b.op("Less", [n_in, b.const(np.array(V, np.int64))]), b.op("Sub", [s_min, s_out]), inf])
+    near = b.op("ReduceMin", [b.op("Abs", [b.op("Sub", [before, topp])]), ax1], keepdims=1)
+    margin = b.op("Min", [kgap, sgap, b.op("Mul", [near, tcol])])  # (M, 1); mass errors scale with 1 / temperature
+    thr = b.op("Transpose", [b.op("Max", [kth, s_min])], perm=[1, 0])  # (1, M)
+    return b.op("Where", [b.op("GreaterOrEqual", [s, thr]), wt, zero]), b.op("Transpose", [margin], perm=[1, 0])
 
 
-def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shift=None):
+def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shift=None, top_p=True):
     """Loop body: one sampling step for the M still-active rows (trainer/sampling.py, step by step).
 
-    exact=False: the fast path: float32, top-k when filtered, and each row's margin (how far u * total was
-    from the boundaries of the chosen token's CDF interval, relative to total and times the temperature;
-    with top-k, at most the gap between the k-th and (k+1)-th largest logits).
-    exact=True: float64, with top-k/top-p when filtered.
+    exact=False: the fast path: float32, top-k/top-p when filtered, and each row's margin (how far u * total
+    was from the boundaries of the chosen token's CDF interval, relative to total and times the temperature;
+    when filtered, at most the filters' margins, see _filter32).
+    exact=True: float64, with top-k/top-p when filtered. top_p=False: the fast filtered body does top-k only.
     unit_temperature: every row has temperature 1, so d = s and log(sum(exp(s))) = log(cdf[-1]): two fewer
     passes over (V, M); with a `shift` (logit_shift), the fast path also takes s = logits - shift instead
     of logits - max: four fewer nodes.
@@ -163,8 +190,8 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     Emits one scan output (N, 3) per step: [token, logprob, margin] scattered to the rows' original slots.
     """
     dt, DT, sfx = (np.float64, DOUBLE, "64") if exact else (np.float32, FLOAT, "32")
-    b = Builder(f"s{sfx}{'_t1' if unit_temperature else ''}{'_f' if filtered else ''}_")
-    assert not (filtered and unit_temperature and not exact), "the fast top-k body handles any temperature"
+    b = Builder(f"s{sfx}{'_t1' if unit_temperature else ''}{'_f' if filtered else ''}{'' if top_p else 'k'}_")
+    assert not (filtered and unit_temperature and not exact), "the fast filtered body handles any temperature"
     static = shift is not None and unit_temperature and not exact
     w = weight_inits(b, folded, transposed=True, dtype=dt, head_shift=shift if static else 0.0)
     i, ctx, rows = "i", "ctx_in", "rows_in"  # ctx (M, block_size) int64, rows (M,) original row ids
@@ -185,7 +212,7 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     if filtered and exact:
         wt = _filter(b, d, wt, V)
     elif filtered:
-        wt, kgap = _top_k32(b, s, wt, V)
+        wt, kgap = _filter32(b, s, wt, temp, V, top_p)
     # Inverse CDF: the count of cdf entries <= x = u * total * (1 - 2^-23) (the factor, folded into the
     # uniforms, keeps x < total, so the pick is always a token with w > 0; u = -1 forces the end token).
     cdf = b.op("CumSum", [wt, b.const(np.array(0, np.int64))])  # (V, M)
@@ -228,6 +255,11 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     )
 
 
+def _any(b, flags):
+    """bool scalar: is any element of the bool tensor `flags` true."""
+    return b.op("Greater", [b.op("ReduceMax", [b.op("Cast", [flags], to=INT64)], keepdims=0), b.const(np.array(0, np.int64))])
+
+
 def _loop_node(body, inputs, out):
     return helper.make_node("Loop", inputs, [out + "_ctx", out + "_rows", out], body=body)
 
@@ -252,8 +284,10 @@ def _run_loop(b, tree, select, N, T, hint):
     tree: the loop body, or bodies to choose from once (see _dispatch).
     """
     zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
-    rows0 = b.op("Compress", [b.op("Range", [zero, N, one]), select], axis=0)
-    ctx0 = b.op("Compress", ["context", select], axis=0)
+    rows0 = b.op("Range", [zero, N, one])
+    ctx0 = "context"
+    if select is not None:
+        rows0, ctx0 = b.op("Compress", [rows0, select], axis=0), b.op("Compress", [ctx0, select], axis=0)
     cond0 = b.op("Greater", [b.op("Size", [rows0]), zero])
     out = b.name(hint)
     b.nodes.append(_dispatch(tree, [T, cond0, ctx0, rows0], out))
@@ -283,7 +317,6 @@ def _exact_stage(folded, V, N, T, tok32, lp32, exact):
     Everything only the exact path needs is prepared here, so a batch without such rows skips all of it.
     """
     b = Builder("x_")
-    zero = b.const(np.array(0, np.int64))
     ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
     b.op("Expand", [b.const(np.array([[0.0, 0.0, np.inf]], np.float64)), "N3"], outputs=["base64"])
     b.op("Unsqueeze", [b.op("Cast", ["temperature"], to=DOUBLE), ax0], outputs=["temp64_1n"])
@@ -292,7 +325,7 @@ def _exact_stage(folded, V, N, T, tok32, lp32, exact):
     # top_p >= 1 means 2, so no token is ever outside the nucleus.
     topp = b.op("Where", ["use_p", b.op("Cast", ["top_p"], to=DOUBLE), b.const(np.array(2.0, np.float64))])
     b.op("Unsqueeze", [topp, ax1], outputs=["topp_n1"])
-    any_filtered = b.op("Greater", [b.op("ReduceMax", [b.op("Cast", ["filtered"], to=INT64)], keepdims=0), zero])
+    any_filtered = _any(b, "filtered")
     bodies = (any_filtered, _sampling_body(folded, V, exact=True), _sampling_body(folded, V, exact=True, filtered=True))
     tok64, lp64, _ = _collect(b, _run_loop(b, bodies, exact, N, T, "exact"), N, T)
     b.op("Where", [b.op("Unsqueeze", [exact, ax1]), tok64, tok32], outputs=["tokens_x"])
@@ -324,17 +357,18 @@ def build_sampler_model(folded, block_size, metadata):
     # top_k = 0 keeps all: the threshold is then the V-th largest.
     k = b.op("Where", ["use_k", b.op("Min", ["top_k", b.const(np.array(V, np.int64))]), b.const(np.array(V, np.int64))])
     b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=["kidx_n1"])  # (N, 1)
-    # Fast path: float32, rows without top-p. Exact path: float64, top-p rows and rows with a thin margin.
-    # The fast body is picked once per run: with top-k if a fast row uses it, else the cheapest that fits.
-    fast_rows = b.op("Not", ["use_p"])
-    any_k = b.op("Greater", [b.op("ReduceMax", [b.op("Cast", [b.op("And", ["use_k", fast_rows])], to=INT64)], keepdims=0), zero])
+    # Fast path: every row, float32. Exact path: float64, the rows whose fast run had a thin margin.
+    # The fast body is picked once per run: with the filters if a row uses top-k or top-p, else the cheapest.
+    b.op("Unsqueeze", [b.op("Where", ["use_p", "top_p", b.const(np.array(2.0, np.float32))]), ax1], outputs=["topp32_n1"])
     plain = ("unit_temperature", _sampling_body(folded, V, exact=False),
              _sampling_body(folded, V, exact=False, unit_temperature=True, shift=logit_shift(folded)))
-    fast = _run_loop(b, (any_k, plain, _sampling_body(folded, V, exact=False, filtered=True)), fast_rows, N, T, "fast")
+    filters = (_any(b, "use_p"), _sampling_body(folded, V, exact=False, filtered=True, top_p=False),
+               _sampling_body(folded, V, exact=False, filtered=True))
+    fast = _run_loop(b, (_any(b, "filtered"), plain, filters), None, N, T, "fast")
     tok32, lp32, margin = _collect(b, fast, N, T)
     thin = b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])
-    exact = b.op("Or", ["use_p", thin], outputs=["rechecked"])
-    any_exact = b.op("Greater", [b.op("ReduceMax", [b.op("Cast", [exact], to=INT64)], keepdims=0), zero])
+    exact = b.op("Identity", [thin], outputs=["rechecked"])
+    any_exact = _any(b, exact)
     vi = helper.make_tensor_value_info
     fast_only = helper.make_graph(
         [helper.make_node("Identity", [tok32], ["tokens_f"]), helper.make_node("Cast", [lp32], ["logprob_f"], to=FLOAT)],

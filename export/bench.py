@@ -126,7 +126,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bench: model_dir={args.model_dir} batch_sizes={sizes} min_seconds={args.min_seconds} "
-          f"rounds={args.rounds} threads={args.threads or 'all'} cores={os.cpu_count()} torch_threads={torch.get_num_threads()} max_length={T - 1}")
+          f"rounds={args.rounds} threads={args.threads or 'all'} cores={os.cpu_count()} "
+          f"torch_threads={torch.get_num_threads()} max_length={T - 1}")
     try:
         model, _, ckpt = load_checkpoint(Path(args.model_dir) / "model.pt")
     except CheckpointError as e:
@@ -149,7 +150,8 @@ def main(argv=None):
         plan.append(("torch plain batched (b)", b, lambda b=b: plain_batched(model, b, g), b))
     for provider, engine in engines.items():
         for b in sizes:
-            plan.append((f"onnx engine {provider} (c)", b, lambda e=engine, p=GenerateParams(num_samples=b, seed=1): e.generate(p), b))
+            params = GenerateParams(num_samples=b, seed=1)
+            plan.append((f"onnx engine {provider} (c)", b, lambda e=engine, p=params: e.generate(p), b))
 
     rounds = []  # per round: {(method, batch): names/s}, and single-name latencies per provider
     for r in range(args.rounds):
@@ -161,7 +163,8 @@ def main(argv=None):
             print(f"  {method:<28} batch {batch:>6}  {names_s:>12,.0f} names/s  {seconds * 1e3:>10.3f} ms/call", flush=True)
         for provider, engine in engines.items():
             lat[provider] = single_latency(engine)
-            print(f"  onnx engine {provider} single-name latency: p50 {lat[provider][0]:.3f} ms  p99 {lat[provider][1]:.3f} ms")
+            p50, p99 = lat[provider]
+            print(f"  onnx engine {provider} single-name latency: p50 {p50:.3f} ms  p99 {p99:.3f} ms")
         rounds.append((speed, lat))
     res = summarize(rounds, plan, engines, args.rounds)
     res.update(config=ckpt["model_config"], cores=os.cpu_count())

@@ -140,7 +140,7 @@ def _filter32(b, s, wt, temp, V, top_p):
     - top-p: how close any sorted token's preceding mass came to top_p (where membership is decided),
       times the temperature as for the CDF margin; and the gap between the s of the nucleus's least
       likely token and the next s (a near-tie in p just outside it is a near-tie in s).
-      At top_p 0.9 this rechecks ~1 name in 7 (some step's nucleus boundary falls that close).
+      At top_p 0.9 this rechecks ~1 name in 11 (some step's nucleus boundary falls that close).
     Rows without top-p (top_p 2) have preceding masses <= 1, a distance >= 1 from it: never thin.
     top_p=False: top-k only (a run where no row asks for top-p skips the nucleus's ~20 nodes).
     -> weights (V, M), margin (1, M).
@@ -279,7 +279,8 @@ def _dispatch(tree, inputs, out):
 
 
 def _run_loop(b, tree, select, N, T, hint):
-    """Loop over the rows where select (N,) is true -> (steps, N, 3) scan output [token, logprob, margin].
+    """Loop over the rows where select (N,) is true, or all rows when select is None -> (steps, N, 3)
+    scan output [token, logprob, margin].
 
     tree: the loop body, or bodies to choose from once (see _dispatch).
     """

@@ -215,7 +215,7 @@ class Engine:
             "max_tokens": per_row([r.T - 1 for r in reqs], np.int64),
         })
         self.rows_sampled += len(tokens)
-        self.rows_rechecked += int(rechecked.sum())  # rows that took the float64 path (top-p or a thin margin)
+        self.rows_rechecked += int(rechecked.sum())  # rows redone on the float64 path (a thin margin)
         names = self.decode(tokens)
         out, i = [], 0
         for req, n in parts:

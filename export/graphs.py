@@ -147,31 +147,30 @@ def _filter32(b, s, wt, temp, V, top_p):
     """
     zero, inf = b.const(np.array(0.0, np.float32)), b.const(np.array(np.inf, np.float32))
     last, one_i = b.const(np.array(V - 1, np.int64)), b.const(np.array(1, np.int64))
-    ax1 = b.const([1], dtype=np.int64)
     kidx = b.op("Gather", ["kidx_n1", "rows_in"])  # (M, 1): k - 1, V - 1 without top-k
     ss = b.op("TopK", [b.op("Transpose", [s], perm=[1, 0]), b.const([V], dtype=np.int64)],
               outputs=2, axis=1, largest=1, sorted=1)[0]  # (M, V) sorted, descending
     kth = b.op("GatherElements", [ss, kidx], axis=1)  # (M, 1)
     nxt = b.op("GatherElements", [ss, b.op("Min", [b.op("Add", [kidx, one_i]), last])], axis=1)
     kgap = b.op("Where", [b.op("Less", [kidx, last]), b.op("Sub", [kth, nxt]), inf])  # (M, 1); inf: nothing cut
-    if not top_p:
-        thr = b.op("Transpose", [kth], perm=[1, 0])  # (1, M)
-        return b.op("Where", [b.op("GreaterOrEqual", [s, thr]), wt, zero]), b.op("Transpose", [kgap], perm=[1, 0])
-    # The nucleus over the sorted weights: the same exp(s / temperature) values as wt, zero outside top-k.
-    kept = b.op("GreaterOrEqual", [ss, kth])
-    tcol = b.op("Transpose", [temp], perm=[1, 0])  # (M, 1)
-    ws = b.op("Where", [kept, b.op("Exp", [b.op("Div", [ss, tcol])]), zero])  # (M, V)
-    ps = b.op("Div", [ws, b.op("ReduceSum", [ws, ax1], keepdims=1)])
-    before = b.op("Sub", [b.op("CumSum", [ps, b.const(np.array(1, np.int64))]), ps])  # mass of more likely tokens
-    topp = b.op("Gather", ["topp32_n1", "rows_in"])  # (M, 1); 2 without top-p
-    inside = b.op("Cast", [b.op("Less", [before, topp])], to=INT64)
-    n_in = b.op("ReduceSum", [inside, ax1], keepdims=1)  # (M, 1) >= 1: the first token is always inside
-    s_min = b.op("GatherElements", [ss, b.op("Sub", [n_in, one_i])], axis=1)  # s of the least likely nucleus token
-    s_out = b.op("GatherElements", [ss, b.op("Min", [n_in, last])], axis=1)  # s of the most likely token outside
-    sgap = b.op("Where", [b.op("Less", [n_in, b.const(np.array(V, np.int64))]), b.op("Sub", [s_min, s_out]), inf])
-    near = b.op("ReduceMin", [b.op("Abs", [b.op("Sub", [before, topp])]), ax1], keepdims=1)
-    margin = b.op("Min", [kgap, sgap, b.op("Mul", [near, tcol])])  # (M, 1); mass errors scale with 1 / temperature
-    thr = b.op("Transpose", [b.op("Max", [kth, s_min])], perm=[1, 0])  # (1, M)
+    thr, margin = kth, kgap  # (M, 1)
+    if top_p:  # the nucleus, over the sorted weights: wt's exp(s / temperature) values, zero outside top-k
+        ax1 = b.const([1], dtype=np.int64)
+        kept = b.op("GreaterOrEqual", [ss, kth])
+        tcol = b.op("Transpose", [temp], perm=[1, 0])  # (M, 1)
+        ws = b.op("Where", [kept, b.op("Exp", [b.op("Div", [ss, tcol])]), zero])  # (M, V)
+        ps = b.op("Div", [ws, b.op("ReduceSum", [ws, ax1], keepdims=1)])
+        before = b.op("Sub", [b.op("CumSum", [ps, b.const(np.array(1, np.int64))]), ps])  # mass of more likely tokens
+        topp = b.op("Gather", ["topp32_n1", "rows_in"])  # (M, 1); 2 without top-p
+        inside = b.op("Cast", [b.op("Less", [before, topp])], to=INT64)
+        n_in = b.op("ReduceSum", [inside, ax1], keepdims=1)  # (M, 1) >= 1: the first token is always inside
+        s_min = b.op("GatherElements", [ss, b.op("Sub", [n_in, one_i])], axis=1)  # s of the least likely nucleus token
+        s_out = b.op("GatherElements", [ss, b.op("Min", [n_in, last])], axis=1)  # s of the most likely token outside
+        sgap = b.op("Where", [b.op("Less", [n_in, b.const(np.array(V, np.int64))]), b.op("Sub", [s_min, s_out]), inf])
+        near = b.op("ReduceMin", [b.op("Abs", [b.op("Sub", [before, topp])]), ax1], keepdims=1)
+        margin = b.op("Min", [kgap, sgap, b.op("Mul", [near, tcol])])  # mass errors scale with 1 / temperature
+        thr = b.op("Max", [kth, s_min])
+    thr = b.op("Transpose", [thr], perm=[1, 0])  # (1, M)
     return b.op("Where", [b.op("GreaterOrEqual", [s, thr]), wt, zero]), b.op("Transpose", [margin], perm=[1, 0])
 
 
@@ -323,9 +322,7 @@ def _exact_stage(folded, V, N, T, tok32, lp32, exact):
     b.op("Unsqueeze", [b.op("Cast", ["temperature"], to=DOUBLE), ax0], outputs=["temp64_1n"])
     b.op("Unsqueeze", [b.op("Mul", [b.op("Cast", ["u_t"], to=DOUBLE), b.const(np.array(1 - 2**-23, np.float64))]), ax1],
          outputs=["uniforms64_t"])  # (T, 1, N)
-    # top_p >= 1 means 2, so no token is ever outside the nucleus.
-    topp = b.op("Where", ["use_p", b.op("Cast", ["top_p"], to=DOUBLE), b.const(np.array(2.0, np.float64))])
-    b.op("Unsqueeze", [topp, ax1], outputs=["topp_n1"])
+    b.op("Cast", ["topp32_n1"], outputs=["topp_n1"], to=DOUBLE)
     any_filtered = _any(b, "filtered")
     bodies = (any_filtered, _sampling_body(folded, V, exact=True), _sampling_body(folded, V, exact=True, filtered=True))
     tok64, lp64, _ = _collect(b, _run_loop(b, bodies, exact, N, T, "exact"), N, T)
@@ -360,6 +357,7 @@ def build_sampler_model(folded, block_size, metadata):
     b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=["kidx_n1"])  # (N, 1)
     # Fast path: every row, float32. Exact path: float64, the rows whose fast run had a thin margin.
     # The fast body is picked once per run: with the filters if a row uses top-k or top-p, else the cheapest.
+    # top_p >= 1 means 2, so no token is ever outside the nucleus.
     b.op("Unsqueeze", [b.op("Where", ["use_p", "top_p", b.const(np.array(2.0, np.float32))]), ax1], outputs=["topp32_n1"])
     plain = ("unit_temperature", _sampling_body(folded, V, exact=False),
              _sampling_body(folded, V, exact=False, unit_temperature=True, shift=logit_shift(folded)))
@@ -367,8 +365,7 @@ def build_sampler_model(folded, block_size, metadata):
                _sampling_body(folded, V, exact=False, filtered=True))
     fast = _run_loop(b, (_any(b, "filtered"), plain, filters), None, N, T, "fast")
     tok32, lp32, margin = _collect(b, fast, N, T)
-    thin = b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])
-    exact = b.op("Identity", [thin], outputs=["rechecked"])
+    exact = b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))], outputs=["rechecked"])  # a thin margin
     any_exact = _any(b, exact)
     vi = helper.make_tensor_value_info
     fast_only = helper.make_graph(

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from export.fold import fold_batchnorm, max_logit_diff
+from export.fold import float64_reference, fold_batchnorm, max_logit_diff
 from export.reference import reference_generate
 from service.params import GenerateParams
 from trainer.dataset import build_examples
@@ -145,7 +145,7 @@ def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint):
     N = 64
     ctx = torch.zeros(N, model.cfg.block_size, dtype=torch.long)
     with torch.no_grad():
-        cdf = torch.cumsum(torch.softmax(copy.deepcopy(model).double()(ctx[:1]), 1), 1)[0]  # float64, like the spec
+        cdf = torch.cumsum(torch.softmax(float64_reference(model)(ctx[:1]), 1), 1)[0]  # float64, like the spec
     boundary = np.float32(cdf[3].item())
     u = np.full((N, 1), boundary, np.float32)
     u[: N // 2, 0] = np.nextafter(boundary, np.float32(0))  # one float32 step below the boundary
@@ -203,7 +203,7 @@ def test_thin_logit_gap_takes_the_exact_path(cpu_engine, tiny_checkpoint, nucleu
     B, V = model.cfg.block_size, 27
     ctx = torch.tensor(list(itertools.product(range(V), repeat=B)))  # every context
     with torch.no_grad():
-        s = copy.deepcopy(model).double()(ctx).sort(dim=1, descending=True).values
+        s = float64_reference(model)(ctx).sort(dim=1, descending=True).values
     gaps = s[:, :-1] - s[:, 1:]  # gap between the (r+1)-th and (r+2)-th largest
     c, r = (gaps < MARGIN / 10).nonzero(as_tuple=True)
     assert len(c) >= 5
@@ -228,7 +228,7 @@ def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint):
     rng = np.random.default_rng(2)
     ctx = rng.integers(0, 27, (300, model.cfg.block_size))
     with torch.no_grad():
-        ps = torch.softmax(copy.deepcopy(model).double()(torch.from_numpy(ctx)), 1).sort(dim=1, descending=True).values
+        ps = torch.softmax(float64_reference(model)(torch.from_numpy(ctx)), 1).sort(dim=1, descending=True).values
     mass = torch.cumsum(ps, 1)  # (N, V): mass of the r + 1 most likely tokens
     r = torch.from_numpy(rng.integers(0, 5, len(ctx)))
     on = mass.gather(1, r[:, None])[:, 0].numpy().astype(np.float32)  # a boundary, rounded to float32

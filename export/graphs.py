@@ -115,7 +115,7 @@ def _filter(b, d, w, V):
     zero = b.const(np.array(0.0, np.float64))
     ax1 = b.const([1], dtype=np.int64)
     d, w = b.op("Transpose", [d], perm=[1, 0]), b.op("Transpose", [w], perm=[1, 0])  # (M, V)
-    kidx, topp = b.op("Gather", ["kidx_n1", "rows_in"]), b.op("Gather", ["topp_n1", "rows_in"])  # (M, 1)
+    kidx, topp = b.op("Gather", ["kidx64_n1", "rows_in"]), b.op("Gather", ["topp64_n1", "rows_in"])  # (M, 1)
     ds = b.op("TopK", [d, b.const([V], dtype=np.int64)], outputs=2, axis=1, largest=1, sorted=1)[0]  # (M, V) sorted
     kth = b.op("GatherElements", [ds, kidx], axis=1)  # (M, 1): the k-th largest (the smallest when top_k = 0)
     w = b.op("Where", [b.op("GreaterOrEqual", [d, kth]), w, zero])
@@ -186,7 +186,8 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     of logits - max: four fewer nodes.
     Layout (V, M): a per-row value is a (1, M) row that broadcasts along contiguous memory. Reads per-row
     settings shaped (1, N) / (N, 1), uniforms as (T, 1, N) and the scan-output base (N, 3) from the outer graph.
-    Emits one scan output (N, 3) per step: [token, logprob, margin] scattered to the rows' original slots.
+    Emits one scan output (N, 3) per step: [token, logprob, thin] scattered to the rows' slots, where thin
+    is 1.0 when the fast path's margin was under MARGIN (always 0 on the exact path).
     """
     dt, DT, sfx = (np.float64, DOUBLE, "64") if exact else (np.float32, FLOAT, "32")
     b = Builder(f"s{sfx}{'_t1' if unit_temperature else ''}{'_f' if filtered else ''}{'' if top_p else 'k'}_")
@@ -224,7 +225,7 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     sumexp = total if unit_temperature and not exact else b.op("ReduceSum", [b.op("Exp", [s]), ax0], keepdims=1)
     lp = b.op("Sub", [b.op("GatherElements", [s, tok], axis=0), b.op("Log", [sumexp])])  # (1, M)
     if exact:
-        margin = b.op("Expand", [b.const(np.array([[np.inf]], dt)), b.op("Shape", [lp])])  # (1, M), never thin
+        thin = b.op("Expand", [b.const(np.array([[0.0]], dt)), b.op("Shape", [lp])])  # (1, M): final
     else:
         # x lies in [upper - w[tok], upper); a CDF that moves less than the margin can't change the token.
         upper = b.op("GatherElements", [cdf, tok], axis=0)
@@ -235,9 +236,10 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
             margin = b.op("Mul", [margin, temp])  # errors scale with 1 / temperature
         if kgap is not None:
             margin = b.op("Min", [margin, kgap])
-    out = b.op("Concat", [tok_f, lp, margin], axis=0)  # (3, M)
+        thin = b.op("Cast", [b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])], to=FLOAT)  # (1, M)
+    out = b.op("Concat", [tok_f, lp, thin], axis=0)  # (3, M)
     b.op("ScatterND", [f"base{sfx}", b.op("Unsqueeze", [rows, ax1]), b.op("Transpose", [out], perm=[1, 0])],
-         outputs=["step_n"])  # (N, 3): rows that finished keep the base [0, 0, inf]
+         outputs=["step_n"])  # (N, 3): rows that finished keep the base [0, 0, 0]
     # A row goes on until it emits the end token (forced at its max_tokens); compact the rest away.
     keep = b.op("Squeeze", [b.op("Greater", [tok, b.const(np.array(0, np.int64))]), ax0])  # (M,)
     tok_col = b.op("Transpose", [tok], perm=[1, 0])  # (M, 1)
@@ -277,18 +279,14 @@ def _dispatch(tree, inputs, out):
     return helper.make_node("If", [cond], [out], then_branch=branch(yes), else_branch=branch(no))
 
 
-def _run_loop(b, tree, select, N, T, hint):
-    """Loop over the rows where select (N,) is true, or all rows when select is None -> (steps, N, 3)
-    scan output [token, logprob, margin].
+def _run_loop(b, tree, ctx0, N, T, hint):
+    """Loop over the N rows of ctx0 (N, block_size) -> (steps, N, 3) scan output [token, logprob, thin].
 
     tree: the loop body, or bodies to choose from once (see _dispatch).
     """
     zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
     rows0 = b.op("Range", [zero, N, one])
-    ctx0 = "context"
-    if select is not None:
-        rows0, ctx0 = b.op("Compress", [rows0, select], axis=0), b.op("Compress", [ctx0, select], axis=0)
-    cond0 = b.op("Greater", [b.op("Size", [rows0]), zero])
+    cond0 = b.op("Greater", [N, zero])
     out = b.name(hint)
     b.nodes.append(_dispatch(tree, [T, cond0, ctx0, rows0], out))
     # Reshape: when no step ran ORT leaves the scan output shaped (0, 0, 0).
@@ -296,38 +294,51 @@ def _run_loop(b, tree, select, N, T, hint):
     return b.op("Reshape", [out, shape])  # (steps, N, 3)
 
 
-def _collect(b, steps, N, T):
-    """(steps, N, 3) -> tokens (N, T) int64 padded with the end token, logprob (N,) float64, margin (N,)."""
+def _collect(b, steps, T, thin_out=None):
+    """(steps, N, 3) -> tokens (N, T) int64 padded with the end token, logprob (N,) float64; with thin_out
+    (the fast path's float32 steps), also the output thin_out (N,) bool: some step's margin was thin.
+
+    One ReduceSum over the steps, the leading axis, for which ONNX Runtime's ReduceSum has a fast path:
+    41 us on (34, 4096) floats here, against 1.1 ms over axes [0, 2] and 0.4 ms for a ReduceMin over
+    axis 0; so the recheck flag is a count of thin steps, not a minimum margin. Finished rows add zeros.
+    """
     zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
-    tok, lp, margin = b.op("Split", [steps], outputs=3, axis=2, num_outputs=3)  # each (steps, N, 1)
-    tok = b.op("Cast", [b.op("Transpose", [b.op("Squeeze", [tok, b.const([2], dtype=np.int64)])], perm=[1, 0])], to=INT64)
+    sums = b.op("ReduceSum", [steps, b.const([0], dtype=np.int64)], keepdims=0)  # (N, 3)
+    lp = b.op("Cast", [b.op("Gather", [sums, one], axis=1)], to=DOUBLE)  # (N,)
+    if thin_out:
+        thin = b.op("Gather", [sums, b.const(np.array(2, np.int64))], axis=1)  # (N,) count of thin steps
+        b.op("Greater", [thin, b.const(np.array(0, np.float32))], outputs=[thin_out])
+    tok = b.op("Cast", [b.op("Transpose", [b.op("Gather", [steps, zero], axis=2)], perm=[1, 0])], to=INT64)  # (N, steps)
     pads = b.op("Concat", [b.const([0, 0, 0], dtype=np.int64),
                            b.op("Unsqueeze", [b.op("Sub", [T, b.op("Gather", [b.op("Shape", [tok]), one])]), zero])], axis=0)
-    lp = b.op("Cast", [b.op("ReduceSum", [lp, b.const([0, 2], dtype=np.int64)], keepdims=0)], to=DOUBLE)
-    shape = b.op("Concat", [b.const([1], dtype=np.int64), b.op("Unsqueeze", [N, zero]), b.const([1], dtype=np.int64)], axis=0)
-    inf = b.op("ConstantOfShape", [shape], value=helper.make_tensor("v", FLOAT, [1], [np.inf]))  # (1, N, 1)
-    margin = b.op("ReduceMin", [b.op("Concat", [inf, b.op("Cast", [margin], to=FLOAT)], axis=0),
-                                b.const([0, 2], dtype=np.int64)], keepdims=0)  # (N,); inf when no step ran
-    return b.op("Pad", [tok, pads]), lp, margin
+    return b.op("Pad", [tok, pads]), lp
 
 
-def _exact_stage(folded, V, N, T, tok32, lp32, exact):
-    """If-branch: redo the `exact` rows in float64 (with top-k/top-p) and merge them into the fast results.
+def _exact_stage(folded, V, T, tok32, lp32, exact):
+    """If-branch: redo the `exact` rows in float64 (with top-k/top-p) and write them over the fast results.
 
-    Everything only the exact path needs is prepared here, so a batch without such rows skips all of it.
+    The E rows are gathered first (context, uniforms, settings), so the loop and everything after it
+    is E rows wide, not N; everything only the exact path needs is prepared here, so a batch without
+    such rows skips all of it.
     """
     b = Builder("x_")
-    ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
-    b.op("Expand", [b.const(np.array([[0.0, 0.0, np.inf]], np.float64)), "N3"], outputs=["base64"])
-    b.op("Unsqueeze", [b.op("Cast", ["temperature"], to=DOUBLE), ax0], outputs=["temp64_1n"])
-    b.op("Unsqueeze", [b.op("Mul", [b.op("Cast", ["u_t"], to=DOUBLE), b.const(np.array(1 - 2**-23, np.float64))]), ax1],
-         outputs=["uniforms64_t"])  # (T, 1, N)
-    b.op("Cast", ["topp32_n1"], outputs=["topp_n1"], to=DOUBLE)
-    any_filtered = _any(b, "filtered")
-    bodies = (any_filtered, _sampling_body(folded, V, exact=True), _sampling_body(folded, V, exact=True, filtered=True))
-    tok64, lp64, _ = _collect(b, _run_loop(b, bodies, exact, N, T, "exact"), N, T)
-    b.op("Where", [b.op("Unsqueeze", [exact, ax1]), tok64, tok32], outputs=["tokens_x"])
-    b.op("Cast", [b.op("Where", [exact, lp64, lp32])], outputs=["logprob_x"], to=FLOAT)
+    ax0, ax1, zero = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64), b.const(np.array(0, np.int64))
+    ridx = b.op("Reshape", [b.op("NonZero", [exact]), b.const([-1], dtype=np.int64)])  # (E,) rows to redo
+    rcol = b.op("Unsqueeze", [ridx, ax1])  # (E, 1)
+    E = b.op("Gather", [b.op("Shape", [ridx]), zero])
+    b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float64)),
+                    b.op("Concat", [b.op("Shape", [ridx]), b.const([3], dtype=np.int64)], axis=0)], outputs=["base64"])
+    b.op("Unsqueeze", [b.op("Cast", [b.op("Gather", ["temperature", ridx])], to=DOUBLE), ax0], outputs=["temp64_1n"])  # (1, E)
+    u = b.op("Cast", [b.op("Gather", ["u_t", ridx], axis=1)], to=DOUBLE)  # (T, E)
+    b.op("Unsqueeze", [b.op("Mul", [u, b.const(np.array(1 - 2**-23, np.float64))]), ax1], outputs=["uniforms64_t"])  # (T, 1, E)
+    b.op("Cast", [b.op("Gather", ["topp32_n1", ridx])], outputs=["topp64_n1"], to=DOUBLE)  # (E, 1)
+    b.op("Gather", ["kidx_n1", ridx], outputs=["kidx64_n1"])  # (E, 1)
+    ctx = b.op("Gather", ["context", ridx])  # (E, block_size)
+    bodies = (_any(b, b.op("Gather", ["filtered", ridx])), _sampling_body(folded, V, exact=True),
+              _sampling_body(folded, V, exact=True, filtered=True))
+    tok64, lp64 = _collect(b, _run_loop(b, bodies, ctx, E, T, "exact"), T)
+    b.op("ScatterND", [tok32, rcol, tok64], outputs=["tokens_x"])
+    b.op("Cast", [b.op("ScatterND", [lp32, rcol, lp64])], outputs=["logprob_x"], to=FLOAT)
     vi = helper.make_tensor_value_info
     return helper.make_graph(b.nodes, "exact_stage", [], [vi("tokens_x", INT64, None), vi("logprob_x", FLOAT, None)], b.inits)
 
@@ -340,7 +351,7 @@ def build_sampler_model(folded, block_size, metadata):
     N = b.op("Gather", [b.op("Shape", ["context"]), zero], hint="N")  # scalar
     T = b.op("Gather", [b.op("Shape", ["uniforms"]), one], hint="T")
     b.op("Concat", [b.op("Unsqueeze", [N, zero]), b.const([3], dtype=np.int64)], axis=0, outputs=["N3"])  # [N, 3]
-    b.op("Expand", [b.const(np.array([[0.0, 0.0, np.inf]], np.float32)), "N3"], outputs=["base32"])  # [token, logprob, margin]
+    b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float32)), "N3"], outputs=["base32"])  # [token, logprob, thin]
     # The end token is forced at column max_tokens: u = -1 there (and after) makes the pick token 0.
     cols = b.op("Unsqueeze", [b.op("Range", [zero, T, one]), ax0])  # (1, T)
     forced = b.op("GreaterOrEqual", [cols, b.op("Unsqueeze", ["max_tokens", ax1])])  # (N, T)
@@ -363,15 +374,15 @@ def build_sampler_model(folded, block_size, metadata):
              _sampling_body(folded, V, exact=False, unit_temperature=True, shift=logit_shift(folded)))
     filters = (_any(b, "use_p"), _sampling_body(folded, V, exact=False, filtered=True, top_p=False),
                _sampling_body(folded, V, exact=False, filtered=True))
-    fast = _run_loop(b, (_any(b, "filtered"), plain, filters), None, N, T, "fast")
-    tok32, lp32, margin = _collect(b, fast, N, T)
-    exact = b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))], outputs=["rechecked"])  # a thin margin
+    fast = _run_loop(b, (_any(b, "filtered"), plain, filters), "context", N, T, "fast")
+    tok32, lp32 = _collect(b, fast, T, thin_out="rechecked")  # rechecked: a thin margin, redo in float64
+    exact = "rechecked"
     any_exact = _any(b, exact)
     vi = helper.make_tensor_value_info
     fast_only = helper.make_graph(
         [helper.make_node("Identity", [tok32], ["tokens_f"]), helper.make_node("Cast", [lp32], ["logprob_f"], to=FLOAT)],
         "fast_only", [], [vi("tokens_f", INT64, None), vi("logprob_f", FLOAT, None)])
-    b.op("If", [any_exact], outputs=["tokens", "logprob"], then_branch=_exact_stage(folded, V, N, T, tok32, lp32, exact),
+    b.op("If", [any_exact], outputs=["tokens", "logprob"], then_branch=_exact_stage(folded, V, T, tok32, lp32, exact),
          else_branch=fast_only)
     graph = helper.make_graph(
         b.nodes, "namegen_sampler",

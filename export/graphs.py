@@ -2,9 +2,10 @@
 
 model.onnx:   context int64 (N, block_size) -> logits float32 (N, vocab)
 sampler.onnx: the whole autoregressive loop of trainer/sampling.py in Loop nodes, so a batch of names is one
-              session run. Every row runs in float32 (the fast path); every row whose uniform came within
+              session run. Every row runs in float32 (the fast path); every step whose uniform came within
               MARGIN of a CDF boundary (or whose top-k / top-p choice came that close, see _filter32) is
-              redone in float64 (the exact path), so the result equals the float64 specification: in
+              decided again in float64 (_check_stage), and a row where float64 picks another token is
+              sampled again in float64 (_exact_stage), so the result equals the float64 specification: in
               float32, torch and ONNX Runtime round matrix products differently (~1e-7) and about one name
               in 20,000 would differ. Finished rows are compacted out every step, so a batch costs about
               N x the mean name length in row-steps.
@@ -108,15 +109,16 @@ def logit_shift(folded, limit=60.0):
 MARGIN = 1e-4
 
 
-def _filter(b, d, w, V):
+def _filter(b, d, w, V, tag):
     """Zero the weights outside top-k, then outside the top-p nucleus (sampling.filter_weights).
 
-    d, w: (V, M) float64 scaled logits and weights. Works in (M, V) because TopK sorts along the last axis.
+    d, w: (V, M) float64 scaled logits and weights; tag: which per-row settings to read (see _sampling_body).
+    Works in (M, V) because TopK sorts along the last axis.
     """
     zero = b.const(np.array(0.0, np.float64))
     ax1 = b.const([1], dtype=np.int64)
     d, w = b.op("Transpose", [d], perm=[1, 0]), b.op("Transpose", [w], perm=[1, 0])  # (M, V)
-    kidx, topp = b.op("Gather", ["kidx64_n1", "rows_in"]), b.op("Gather", ["topp64_n1", "rows_in"])  # (M, 1)
+    kidx, topp = b.op("Gather", [f"kidx{tag}_n1", "rows_in"]), b.op("Gather", [f"topp{tag}_n1", "rows_in"])  # (M, 1)
     ds = b.op("TopK", [d, b.const([V], dtype=np.int64)], outputs=2, axis=1, largest=1, sorted=1)[0]  # (M, V) sorted
     kth = b.op("GatherElements", [ds, kidx], axis=1)  # (M, 1): the k-th largest (the smallest when top_k = 0)
     w = b.op("Where", [b.op("GreaterOrEqual", [d, kth]), w, zero])
@@ -148,7 +150,7 @@ def _filter32(b, s, wt, temp, V, top_p):
     """
     zero, inf = b.const(np.array(0.0, np.float32)), b.const(np.array(np.inf, np.float32))
     last, one_i = b.const(np.array(V - 1, np.int64)), b.const(np.array(1, np.int64))
-    kidx = b.op("Gather", ["kidx_n1", "rows_in"])  # (M, 1): k - 1, V - 1 without top-k
+    kidx = b.op("Gather", ["kidx32_n1", "rows_in"])  # (M, 1): k - 1, V - 1 without top-k
     ss = b.op("TopK", [b.op("Transpose", [s], perm=[1, 0]), b.const([V], dtype=np.int64)],
               outputs=2, axis=1, largest=1, sorted=1)[0]  # (M, V) sorted, descending
     kth = b.op("GatherElements", [ss, kidx], axis=1)  # (M, 1)
@@ -175,7 +177,7 @@ def _filter32(b, s, wt, temp, V, top_p):
     return b.op("Where", [b.op("GreaterOrEqual", [s, thr]), wt, zero]), b.op("Transpose", [margin], perm=[1, 0])
 
 
-def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shift=None, top_p=True):
+def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shift=None, top_p=True, tag=None):
     """Loop body: one sampling step for the M still-active rows (trainer/sampling.py, step by step).
 
     exact=False: the fast path: float32, top-k/top-p when filtered, and each row's margin (how far u * total
@@ -186,19 +188,21 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     passes over (V, M); with a `shift` (logit_shift), the fast path also takes s = logits - shift instead
     of logits - max: four fewer nodes.
     Layout (V, M): a per-row value is a (1, M) row that broadcasts along contiguous memory. Reads per-row
-    settings shaped (1, N) / (N, 1), uniforms as (T, 1, N) and the scan-output base (N, 3) from the outer graph.
+    settings shaped (1, N) / (N, 1), uniforms as (T, 1, N) and the scan-output base (N, 3) from the outer graph,
+    named by `tag` (default "32" / "64"): uniforms{tag}_t, temp{tag}_1n, kidx{tag}_n1, topp{tag}_n1, base{tag}.
     Emits one scan output (N, 3) per step: [token, logprob, thin] scattered to the rows' slots, where thin
     is 1.0 when the fast path's margin was under MARGIN (always 0 on the exact path).
     """
-    dt, DT, sfx = (np.float64, DOUBLE, "64") if exact else (np.float32, FLOAT, "32")
-    b = Builder(f"s{sfx}{'_t1' if unit_temperature else ''}{'_f' if filtered else ''}{'' if top_p else 'k'}_")
+    dt, DT = (np.float64, DOUBLE) if exact else (np.float32, FLOAT)
+    tag = tag or ("64" if exact else "32")
+    b = Builder(f"s{tag}{'_t1' if unit_temperature else ''}{'_f' if filtered else ''}{'' if top_p else 'k'}_")
     assert not (filtered and unit_temperature and not exact), "the fast filtered body handles any temperature"
     static = shift is not None and unit_temperature and not exact
     w = weight_inits(b, folded, transposed=True, dtype=dt, head_shift=shift if static else 0.0)
     i, ctx, rows = "i", "ctx_in", "rows_in"  # ctx (M, block_size) int64, rows (M,) original row ids
     ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
     lt = add_forward(b, w, ctx, transposed=True)  # (V, M)
-    u = b.op("Gather", [b.op("Gather", [f"uniforms{sfx}_t", i]), rows], axis=1)  # (1, M): u * (1 - 2^-23), or -1
+    u = b.op("Gather", [b.op("Gather", [f"uniforms{tag}_t", i]), rows], axis=1)  # (1, M): u * (1 - 2^-23), or -1
     if static:
         s = lt  # (V, M) logits - shift: bounded, so exp(s) is finite with a max weight >= e^-60
     else:
@@ -206,12 +210,12 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
         pooled = b.op("MaxPool", [b.op("Reshape", [lt, b.const([1, 1, V, -1], dtype=np.int64)])], kernel_shape=[V, 1])
         m = b.op("Reshape", [pooled, b.const([1, -1], dtype=np.int64)], hint="m")  # (1, M)
         s = b.op("Sub", [lt, m])  # (V, M) logits - max
-    temp = None if unit_temperature else b.op("Gather", [f"temp{sfx}_1n", rows], axis=1)  # (1, M)
+    temp = None if unit_temperature else b.op("Gather", [f"temp{tag}_1n", rows], axis=1)  # (1, M)
     d = s if unit_temperature else b.op("Div", [s, temp])
     wt = b.op("Exp", [d])  # (V, M) unnormalised weights, max 1 (or e^+-60 at most with a shift)
     kgap = None
     if filtered and exact:
-        wt = _filter(b, d, wt, V)
+        wt = _filter(b, d, wt, V, tag)
     elif filtered:
         wt, kgap = _filter32(b, s, wt, temp, V, top_p)
     # Inverse CDF: the count of cdf entries <= x = u * total * (1 - 2^-23) (the factor, folded into the
@@ -239,7 +243,7 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
             margin = b.op("Min", [margin, kgap])
         thin = b.op("Cast", [b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])], to=FLOAT)  # (1, M)
     out = b.op("Concat", [tok_f, lp, thin], axis=0)  # (3, M)
-    b.op("ScatterND", [f"base{sfx}", b.op("Unsqueeze", [rows, ax1]), b.op("Transpose", [out], perm=[1, 0])],
+    b.op("ScatterND", [f"base{tag}", b.op("Unsqueeze", [rows, ax1]), b.op("Transpose", [out], perm=[1, 0])],
          outputs=["step_n"])  # (N, 3): rows that finished keep the base [0, 0, 0]
     # A row goes on until it emits the end token (forced at its max_tokens); compact the rest away.
     keep = b.op("Squeeze", [b.op("Greater", [tok, b.const(np.array(0, np.int64))]), ax0])  # (M,)
@@ -250,7 +254,7 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     b.op("Greater", [b.op("Size", [rows_out]), b.const(np.array(0, np.int64))], outputs=["cond_out"])
     vi = helper.make_tensor_value_info
     return helper.make_graph(
-        b.nodes, f"sample_step_{sfx}",
+        b.nodes, f"sample_step_{tag}",
         [vi("i", INT64, []), vi("cond_in", BOOL, []), vi(ctx, INT64, None), vi(rows, INT64, None)],
         [vi("cond_out", BOOL, []), vi("ctx_out", INT64, None), vi("rows_out", INT64, None), vi("step_n", DT, None)],
         b.inits,
@@ -333,7 +337,7 @@ def _exact_stage(folded, V, T, tok32, lp32, exact):
     u = b.op("Cast", [b.op("Gather", ["u_t", ridx], axis=1)], to=DOUBLE)  # (T, E)
     b.op("Unsqueeze", [b.op("Mul", [u, b.const(np.array(1 - 2**-23, np.float64))]), ax1], outputs=["uniforms64_t"])  # (T, 1, E)
     b.op("Cast", [b.op("Gather", ["topp32_n1", ridx])], outputs=["topp64_n1"], to=DOUBLE)  # (E, 1)
-    b.op("Gather", ["kidx_n1", ridx], outputs=["kidx64_n1"])  # (E, 1)
+    b.op("Gather", ["kidx32_n1", ridx], outputs=["kidx64_n1"])  # (E, 1)
     ctx = b.op("Gather", ["context", ridx])  # (E, block_size)
     bodies = (_any(b, b.op("Gather", ["filtered", ridx])), _sampling_body(folded, V, exact=True),
               _sampling_body(folded, V, exact=True, filtered=True))
@@ -344,8 +348,61 @@ def _exact_stage(folded, V, T, tok32, lp32, exact):
     return helper.make_graph(b.nodes, "exact_stage", [], [vi("tokens_x", INT64, None), vi("logprob_x", FLOAT, None)], b.inits)
 
 
-def build_sampler_model(folded, block_size, metadata):
+def _check_stage(folded, V, bs, T, tok32, lp32, steps32):
+    """If-branch for a batch with rechecked rows: decide each thin step again in float64.
+
+    A step whose margin wasn't thin picked the float64 token, so a row's fast tokens are the exact ones
+    if float64 picks the same token at each of its thin steps, from the context its fast tokens give
+    there. So every thin (row, step) pair is redone as one float64 step (the exact body, one iteration,
+    P pairs wide) instead of whole names; only rows where some pair picks another token (about one
+    name in 20,000) are sampled again in float64 from the start (_exact_stage).
+    steps32: the fast loop's (steps, N, 3) scan output [token, logprob, thin].
+    """
+    b = Builder("c_")
+    ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
+    zero, one, two = (b.const(np.array(v, np.int64)) for v in (0, 1, 2))
+    ridx = b.op("Reshape", [b.op("NonZero", ["rechecked"]), b.const([-1], dtype=np.int64)])  # (E,)
+    thin = b.op("Gather", [b.op("Gather", [steps32, ridx], axis=1), two], axis=2)  # (steps, E)
+    pairs = b.op("NonZero", [thin])  # (2, P): [step, e]
+    t = b.op("Gather", [pairs, zero])  # (P,)
+    row = b.op("Gather", [ridx, b.op("Gather", [pairs, one])])  # (P,)
+    t_col, row_col = b.op("Unsqueeze", [t, ax1]), b.op("Unsqueeze", [row, ax1])  # (P, 1)
+    # The context at step t: columns t .. t + bs - 1 of [initial context, tokens].
+    seq = b.op("Concat", [b.op("Gather", ["context", row]), b.op("Gather", [tok32, row])], axis=1)  # (P, bs + T)
+    ctx = b.op("GatherElements", [seq, b.op("Add", [t_col, b.const(np.arange(bs)[None, :], dtype=np.int64)])], axis=1)
+    P = b.op("Gather", [b.op("Shape", [t]), zero])
+    u = b.op("GatherND", ["u_t", b.op("Concat", [t_col, row_col], axis=1)])  # (P,) this step's uniform (or -1)
+    b.op("Reshape", [b.op("Mul", [b.op("Cast", [u], to=DOUBLE), b.const(np.array(1 - 2**-23, np.float64))]),
+                     b.const([1, 1, -1], dtype=np.int64)], outputs=["uniforms64c_t"])  # (1, 1, P): one step
+    b.op("Unsqueeze", [b.op("Cast", [b.op("Gather", ["temperature", row])], to=DOUBLE), ax0], outputs=["temp64c_1n"])
+    b.op("Cast", [b.op("Gather", ["topp32_n1", row])], outputs=["topp64c_n1"], to=DOUBLE)  # (P, 1)
+    b.op("Gather", ["kidx32_n1", row], outputs=["kidx64c_n1"])  # (P, 1)
+    b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float64)),
+                    b.op("Concat", [b.op("Shape", [t]), b.const([3], dtype=np.int64)], axis=0)], outputs=["base64c"])
+    bodies = (_any(b, b.op("Gather", ["filtered", row])), _sampling_body(folded, V, exact=True, tag="64c"),
+              _sampling_body(folded, V, exact=True, filtered=True, tag="64c"))
+    step = _run_loop(b, bodies, ctx, P, one, "check")  # (1, P, 3)
+    tok64 = b.op("Cast", [b.op("Reshape", [b.op("Gather", [step, zero], axis=2), b.const([-1], dtype=np.int64)])], to=INT64)
+    other = b.op("Not", [b.op("Equal", [tok64, b.op("GatherND", [tok32, b.op("Concat", [row_col, t_col], axis=1)])])])
+    # The rows with another token somewhere (a row may have several pairs) as an (N,) mask.
+    bad = b.op("Compress", [row, other], axis=0)
+    zeros = b.op("ConstantOfShape", [b.op("Shape", ["rechecked"])], value=helper.make_tensor("v", FLOAT, [1], [0.0]))
+    flags = b.op("ScatterND", [zeros, b.op("Unsqueeze", [bad, ax1]), b.op("Expand", [b.const(np.array(1.0, np.float32)), b.op("Shape", [bad])])])
+    full = b.op("Greater", [flags, b.const(np.array(0, np.float32))], hint="full")  # (N,)
+    vi = helper.make_tensor_value_info
+    keep = helper.make_graph(
+        [helper.make_node("Identity", [tok32], ["tokens_k"]), helper.make_node("Cast", [lp32], ["logprob_k"], to=FLOAT)],
+        "keep_fast", [], [vi("tokens_k", INT64, None), vi("logprob_k", FLOAT, None)])
+    b.op("If", [_any(b, full)], outputs=["tokens_c", "logprob_c"],
+         then_branch=_exact_stage(folded, V, T, tok32, lp32, full), else_branch=keep)
+    return helper.make_graph(b.nodes, "check_stage", [], [vi("tokens_c", INT64, None), vi("logprob_c", FLOAT, None)], b.inits)
+
+
+def build_sampler_model(folded, block_size, metadata, fast_folded=None):
+    """fast_folded: the weights of the float32 fast path (default: folded). The tests give it slightly
+    wrong ones, to check that the float64 stages correct any fast-path error under MARGIN."""
     V = folded.lm_head.out_features
+    fast_folded = fast_folded or folded
     b = Builder()
     zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
     ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
@@ -366,15 +423,15 @@ def build_sampler_model(folded, block_size, metadata):
     b.op("Or", ["use_k", "use_p"], outputs=["filtered"])
     # top_k = 0 keeps all: the threshold is then the V-th largest.
     k = b.op("Where", ["use_k", b.op("Min", ["top_k", b.const(np.array(V, np.int64))]), b.const(np.array(V, np.int64))])
-    b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=["kidx_n1"])  # (N, 1)
+    b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=["kidx32_n1"])  # (N, 1)
     # Fast path: every row, float32. Exact path: float64, the rows whose fast run had a thin margin.
     # The fast body is picked once per run: with the filters if a row uses top-k or top-p, else the cheapest.
     # top_p >= 1 means 2, so no token is ever outside the nucleus.
     b.op("Unsqueeze", [b.op("Where", ["use_p", "top_p", b.const(np.array(2.0, np.float32))]), ax1], outputs=["topp32_n1"])
-    plain = ("unit_temperature", _sampling_body(folded, V, exact=False),
-             _sampling_body(folded, V, exact=False, unit_temperature=True, shift=logit_shift(folded)))
-    filters = (_any(b, "use_p"), _sampling_body(folded, V, exact=False, filtered=True, top_p=False),
-               _sampling_body(folded, V, exact=False, filtered=True))
+    plain = ("unit_temperature", _sampling_body(fast_folded, V, exact=False),
+             _sampling_body(fast_folded, V, exact=False, unit_temperature=True, shift=logit_shift(fast_folded)))
+    filters = (_any(b, "use_p"), _sampling_body(fast_folded, V, exact=False, filtered=True, top_p=False),
+               _sampling_body(fast_folded, V, exact=False, filtered=True))
     fast = _run_loop(b, (_any(b, "filtered"), plain, filters), "context", N, T, "fast")
     tok32, lp32 = _collect(b, fast, T, thin_out="rechecked")  # rechecked: a thin margin, redo in float64
     exact = "rechecked"
@@ -383,7 +440,7 @@ def build_sampler_model(folded, block_size, metadata):
     fast_only = helper.make_graph(
         [helper.make_node("Identity", [tok32], ["tokens_f"]), helper.make_node("Cast", [lp32], ["logprob_f"], to=FLOAT)],
         "fast_only", [], [vi("tokens_f", INT64, None), vi("logprob_f", FLOAT, None)])
-    b.op("If", [any_exact], outputs=["tokens", "logprob"], then_branch=_exact_stage(folded, V, T, tok32, lp32, exact),
+    b.op("If", [any_exact], outputs=["tokens", "logprob"], then_branch=_check_stage(folded, V, block_size, T, tok32, lp32, fast),
          else_branch=fast_only)
     graph = helper.make_graph(
         b.nodes, "namegen_sampler",

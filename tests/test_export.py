@@ -157,6 +157,44 @@ def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint):
     assert set(tokens[:, 0].tolist()) <= {3, 4}
 
 
+def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint):
+    """The float64 check must catch every fast-path decision that could be wrong, not only the ones
+    float32 rounding happens to flip. The fast path gets logits off by MARGIN / 3 (gaps between two
+    logits then move by under MARGIN; ~5x float32's rounding), and each row's third uniform lies within
+    3e-5 of a float64 CDF boundary of its third step, so many rows' fast tokens are wrong from a step
+    whose context comes from earlier tokens; the output must still be the spec's."""
+    import onnxruntime as ort
+
+    from export.fold import fold_for_export
+    from export.graphs import MARGIN, build_sampler_model
+
+    model, _, _ = tiny_checkpoint
+    B, V = model.cfg.block_size, 27
+    folded = fold_for_export(model)
+    off = copy.deepcopy(folded)
+    rng = np.random.default_rng(3)
+    with torch.no_grad():
+        off.lm_head.bias.add_(torch.from_numpy(rng.choice([-MARGIN / 3, MARGIN / 3], V)))
+    N, T = 3000, 4
+    temperature = rng.choice([1.0, 0.7], N).astype(np.float32)
+    feeds = {**unit_feeds(rng.integers(0, V, (N, B)), rng.random((N, T), dtype=np.float32), max_tokens=T - 1),
+             "temperature": temperature}
+    first, _ = spec(model, {**feeds, "max_tokens": np.full(N, 2, np.int64)})  # the first two tokens
+    ctx = torch.cat([torch.from_numpy(feeds["context"]), first[:, :2]], 1)[:, -B:]  # the third step's context
+    with torch.no_grad():
+        cdf = torch.cumsum(torch.softmax(float64_reference(model)(ctx) / torch.from_numpy(temperature)[:, None].double(), 1), 1)
+    j = torch.from_numpy(rng.integers(0, V - 1, N))[:, None]
+    near = cdf.gather(1, j)[:, 0].numpy() + rng.uniform(-3e-5, 3e-5, N)
+    feeds["uniforms"][:, 2] = np.clip(near, 0, 1 - 1e-7).astype(np.float32)
+    sess = ort.InferenceSession(build_sampler_model(folded, B, {}, fast_folded=off).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    tokens, _, rechecked = sess.run(None, feeds)
+    rt, _ = spec(model, feeds)
+    assert (tokens == rt.numpy()).all()
+    wrong = (spec(off, feeds)[0] != rt).any(1).numpy()  # rows the offset weights alone would get wrong
+    assert wrong.sum() >= 20 and rechecked[wrong].all()
+
+
 def test_logit_shift_bounds_every_context_and_falls_back(tiny_checkpoint, splits):
     """The static shift (graphs.logit_shift) keeps exp(logits - c) inside float32 for the contexts seen, and
     a model whose logits it can't bound gets the per-row max instead, with the same exact parity."""

@@ -230,7 +230,7 @@ def _sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shi
     sumexp = total if unit_temperature and not exact else b.op("ReduceSum", [b.op("Exp", [s]), ax0], keepdims=1)
     lp = b.op("Sub", [b.op("GatherElements", [s, tok], axis=0), b.op("Log", [sumexp])])  # (1, M)
     if exact:
-        thin = b.op("Expand", [b.const(np.array([[0.0]], dt)), b.op("Shape", [lp])])  # (1, M): final
+        thin = b.op("Expand", [b.const(np.array([[0.0]], dt)), b.op("Shape", [lp])])  # (1, M): exact, never rechecked
     else:
         # x lies in [upper - w[tok], upper); a CDF that moves less than the margin can't change the token.
         upper = b.op("GatherElements", [cdf, tok], axis=0)

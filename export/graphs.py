@@ -319,6 +319,30 @@ def _collect(b, steps, T, thin_out=None):
     return b.op("Pad", [tok, pads]), lp
 
 
+def _exact_inputs(b, folded, V, rows, u, tag):
+    """Per-row settings for a float64 loop over the batch rows `rows` (R,), registered under `tag` (see
+    _sampling_body) from the main graph's; u (steps, R) float32: the loop's uniforms (or -1).
+    -> the loop's bodies (see _dispatch): filtered only when one of these rows uses top-k or top-p."""
+    ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
+    b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float64)),
+                    b.op("Concat", [b.op("Shape", [rows]), b.const([3], dtype=np.int64)], axis=0)], outputs=[f"base{tag}"])
+    b.op("Unsqueeze", [b.op("Cast", [b.op("Gather", ["temperature", rows])], to=DOUBLE), ax0], outputs=[f"temp{tag}_1n"])  # (1, R)
+    b.op("Unsqueeze", [b.op("Mul", [b.op("Cast", [u], to=DOUBLE), b.const(np.array(1 - 2**-23, np.float64))]), ax1],
+         outputs=[f"uniforms{tag}_t"])  # (steps, 1, R)
+    b.op("Cast", [b.op("Gather", ["topp32_n1", rows])], outputs=[f"topp{tag}_n1"], to=DOUBLE)  # (R, 1)
+    b.op("Gather", ["kidx32_n1", rows], outputs=[f"kidx{tag}_n1"])  # (R, 1)
+    return (_any(b, b.op("Gather", ["filtered", rows])), _sampling_body(folded, V, exact=True, tag=tag),
+            _sampling_body(folded, V, exact=True, filtered=True, tag=tag))
+
+
+def _keep_fast(tok32, lp32, sfx):
+    """If-branch that returns the fast path's results as they are: tokens_{sfx}, logprob_{sfx}."""
+    vi = helper.make_tensor_value_info
+    return helper.make_graph(
+        [helper.make_node("Identity", [tok32], [f"tokens_{sfx}"]), helper.make_node("Cast", [lp32], [f"logprob_{sfx}"], to=FLOAT)],
+        f"keep_fast_{sfx}", [], [vi(f"tokens_{sfx}", INT64, None), vi(f"logprob_{sfx}", FLOAT, None)])
+
+
 def _exact_stage(folded, V, T, tok32, lp32, exact):
     """If-branch: redo the `exact` rows in float64 (with top-k/top-p) and write them over the fast results.
 
@@ -327,20 +351,12 @@ def _exact_stage(folded, V, T, tok32, lp32, exact):
     such rows skips all of it.
     """
     b = Builder("x_")
-    ax0, ax1, zero = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64), b.const(np.array(0, np.int64))
+    ax1, zero = b.const([1], dtype=np.int64), b.const(np.array(0, np.int64))
     ridx = b.op("Reshape", [b.op("NonZero", [exact]), b.const([-1], dtype=np.int64)])  # (E,) rows to redo
     rcol = b.op("Unsqueeze", [ridx, ax1])  # (E, 1)
     E = b.op("Gather", [b.op("Shape", [ridx]), zero])
-    b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float64)),
-                    b.op("Concat", [b.op("Shape", [ridx]), b.const([3], dtype=np.int64)], axis=0)], outputs=["base64"])
-    b.op("Unsqueeze", [b.op("Cast", [b.op("Gather", ["temperature", ridx])], to=DOUBLE), ax0], outputs=["temp64_1n"])  # (1, E)
-    u = b.op("Cast", [b.op("Gather", ["u_t", ridx], axis=1)], to=DOUBLE)  # (T, E)
-    b.op("Unsqueeze", [b.op("Mul", [u, b.const(np.array(1 - 2**-23, np.float64))]), ax1], outputs=["uniforms64_t"])  # (T, 1, E)
-    b.op("Cast", [b.op("Gather", ["topp32_n1", ridx])], outputs=["topp64_n1"], to=DOUBLE)  # (E, 1)
-    b.op("Gather", ["kidx32_n1", ridx], outputs=["kidx64_n1"])  # (E, 1)
+    bodies = _exact_inputs(b, folded, V, ridx, b.op("Gather", ["u_t", ridx], axis=1), "64")  # uniforms (T, E)
     ctx = b.op("Gather", ["context", ridx])  # (E, block_size)
-    bodies = (_any(b, b.op("Gather", ["filtered", ridx])), _sampling_body(folded, V, exact=True),
-              _sampling_body(folded, V, exact=True, filtered=True))
     tok64, lp64 = _collect(b, _run_loop(b, bodies, ctx, E, T, "exact"), T)
     b.op("ScatterND", [tok32, rcol, tok64], outputs=["tokens_x"])
     b.op("Cast", [b.op("ScatterND", [lp32, rcol, lp64])], outputs=["logprob_x"], to=FLOAT)
@@ -372,15 +388,7 @@ def _check_stage(folded, V, bs, T, tok32, lp32, steps32):
     ctx = b.op("GatherElements", [seq, b.op("Add", [t_col, b.const(np.arange(bs)[None, :], dtype=np.int64)])], axis=1)
     P = b.op("Gather", [b.op("Shape", [t]), zero])
     u = b.op("GatherND", ["u_t", b.op("Concat", [t_col, row_col], axis=1)])  # (P,) this step's uniform (or -1)
-    b.op("Reshape", [b.op("Mul", [b.op("Cast", [u], to=DOUBLE), b.const(np.array(1 - 2**-23, np.float64))]),
-                     b.const([1, 1, -1], dtype=np.int64)], outputs=["uniforms64c_t"])  # (1, 1, P): one step
-    b.op("Unsqueeze", [b.op("Cast", [b.op("Gather", ["temperature", row])], to=DOUBLE), ax0], outputs=["temp64c_1n"])
-    b.op("Cast", [b.op("Gather", ["topp32_n1", row])], outputs=["topp64c_n1"], to=DOUBLE)  # (P, 1)
-    b.op("Gather", ["kidx32_n1", row], outputs=["kidx64c_n1"])  # (P, 1)
-    b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float64)),
-                    b.op("Concat", [b.op("Shape", [t]), b.const([3], dtype=np.int64)], axis=0)], outputs=["base64c"])
-    bodies = (_any(b, b.op("Gather", ["filtered", row])), _sampling_body(folded, V, exact=True, tag="64c"),
-              _sampling_body(folded, V, exact=True, filtered=True, tag="64c"))
+    bodies = _exact_inputs(b, folded, V, row, b.op("Unsqueeze", [u, ax0]), "64c")  # uniforms (1, P): one step
     step = _run_loop(b, bodies, ctx, P, one, "check")  # (1, P, 3)
     tok64 = b.op("Cast", [b.op("Reshape", [b.op("Gather", [step, zero], axis=2), b.const([-1], dtype=np.int64)])], to=INT64)
     other = b.op("Not", [b.op("Equal", [tok64, b.op("GatherND", [tok32, b.op("Concat", [row_col, t_col], axis=1)])])])
@@ -389,12 +397,9 @@ def _check_stage(folded, V, bs, T, tok32, lp32, steps32):
     zeros = b.op("ConstantOfShape", [b.op("Shape", ["rechecked"])], value=helper.make_tensor("v", FLOAT, [1], [0.0]))
     flags = b.op("ScatterND", [zeros, b.op("Unsqueeze", [bad, ax1]), b.op("Expand", [b.const(np.array(1.0, np.float32)), b.op("Shape", [bad])])])
     full = b.op("Greater", [flags, b.const(np.array(0, np.float32))], hint="full")  # (N,)
-    vi = helper.make_tensor_value_info
-    keep = helper.make_graph(
-        [helper.make_node("Identity", [tok32], ["tokens_k"]), helper.make_node("Cast", [lp32], ["logprob_k"], to=FLOAT)],
-        "keep_fast", [], [vi("tokens_k", INT64, None), vi("logprob_k", FLOAT, None)])
     b.op("If", [_any(b, full)], outputs=["tokens_c", "logprob_c"],
-         then_branch=_exact_stage(folded, V, T, tok32, lp32, full), else_branch=keep)
+         then_branch=_exact_stage(folded, V, T, tok32, lp32, full), else_branch=_keep_fast(tok32, lp32, "k"))
+    vi = helper.make_tensor_value_info
     return helper.make_graph(b.nodes, "check_stage", [], [vi("tokens_c", INT64, None), vi("logprob_c", FLOAT, None)], b.inits)
 
 
@@ -433,15 +438,10 @@ def build_sampler_model(folded, block_size, metadata, fast_folded=None):
     filters = (_any(b, "use_p"), _sampling_body(fast_folded, V, exact=False, filtered=True, top_p=False),
                _sampling_body(fast_folded, V, exact=False, filtered=True))
     fast = _run_loop(b, (_any(b, "filtered"), plain, filters), "context", N, T, "fast")
-    tok32, lp32 = _collect(b, fast, T, thin_out="rechecked")  # rechecked: a thin margin, redo in float64
-    exact = "rechecked"
-    any_exact = _any(b, exact)
+    tok32, lp32 = _collect(b, fast, T, thin_out="rechecked")  # rechecked: a thin margin, check in float64
+    b.op("If", [_any(b, "rechecked")], outputs=["tokens", "logprob"],
+         then_branch=_check_stage(folded, V, block_size, T, tok32, lp32, fast), else_branch=_keep_fast(tok32, lp32, "f"))
     vi = helper.make_tensor_value_info
-    fast_only = helper.make_graph(
-        [helper.make_node("Identity", [tok32], ["tokens_f"]), helper.make_node("Cast", [lp32], ["logprob_f"], to=FLOAT)],
-        "fast_only", [], [vi("tokens_f", INT64, None), vi("logprob_f", FLOAT, None)])
-    b.op("If", [any_exact], outputs=["tokens", "logprob"], then_branch=_check_stage(folded, V, block_size, T, tok32, lp32, fast),
-         else_branch=fast_only)
     graph = helper.make_graph(
         b.nodes, "namegen_sampler",
         [vi("context", INT64, ["N", block_size]), vi("uniforms", FLOAT, ["N", "T"]), vi("temperature", FLOAT, ["N"]),

@@ -215,7 +215,7 @@ class Engine:
             "max_tokens": per_row([r.T - 1 for r in reqs], np.int64),
         })
         self.rows_sampled += len(tokens)
-        self.rows_rechecked += int(rechecked.sum())  # rows redone on the float64 path (a thin margin)
+        self.rows_rechecked += int(rechecked.sum())  # rows with a thin step, checked in float64
         names = self.decode(tokens)
         out, i = [], 0
         for req, n in parts:

@@ -2,6 +2,7 @@
 
 No timing assertions: deadlines and overload are provoked with margins of orders of magnitude.
 """
+import importlib.util
 import math
 import shutil
 import subprocess
@@ -319,8 +320,9 @@ def test_stream_only_new_small_chunks(stub):
 
 # ---- process lifecycle ----
 
-def test_sigterm_drains_in_flight_stream(model_dir):
-    s = start_server(model_dir, "--grace", 60)
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])  # auto: uvloop where installed
+def test_sigterm_drains_in_flight_stream(model_dir, loop):
+    s = start_server(model_dir, "--grace", 60, "--event-loop", loop)
     with grpc.insecure_channel(s.target) as ch:
         st = pb_grpc.NameGeneratorStub(ch)
         it = st.GenerateStream(pb.GenerateRequest(num_samples=60_000, seed=2, chunk_size=2_000), timeout=120)
@@ -330,10 +332,13 @@ def test_sigterm_drains_in_flight_stream(model_dir):
     assert n == 60_000
     assert s.wait(60) == 0
     assert any("draining" in line for line in s.stdout)
+    uv = importlib.util.find_spec("uvloop") is not None
+    assert any(f"event-loop={'uvloop' if uv and loop == 'auto' else 'asyncio'} " in line for line in s.stdout)
 
 
 @pytest.mark.parametrize("flag, value", [("--threads", -1), ("--max-batch-rows", -5), ("--max-queue", 0),
-                                         ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x")])
+                                         ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x"),
+                                         ("--event-loop", "trio")])
 def test_bad_server_flags_are_usage_errors(flag, value, capsys):
     from service.server import parse_args
 

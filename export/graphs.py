@@ -294,8 +294,9 @@ def _run_loop(b, tree, ctx0, N, T, hint):
     cond0 = b.op("Greater", [N, zero])
     out = b.name(hint)
     b.nodes.append(_dispatch(tree, [T, cond0, ctx0, rows0], out))
-    # Reshape: when no step ran ORT leaves the scan output shaped (0, 0, 0).
-    shape = b.op("Concat", [b.const([-1], dtype=np.int64), b.op("Unsqueeze", [N, zero]), b.const([3], dtype=np.int64)], axis=0)
+    # Reshape: when no step ran (N = 0) ORT leaves the scan output shaped (0, 0, 0).
+    steps = b.op("Slice", [b.op("Shape", [out]), b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)])  # (1,)
+    shape = b.op("Concat", [steps, b.op("Unsqueeze", [N, zero]), b.const([3], dtype=np.int64)], axis=0)
     return b.op("Reshape", [out, shape])  # (steps, N, 3)
 
 

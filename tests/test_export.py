@@ -139,6 +139,14 @@ def test_sampler_graph_vs_spec_on_random_rows(cpu_engine, tiny_checkpoint):
     assert 0 < rechecked.mean() < 0.2 and rechecked[top_p].mean() < 0.2
 
 
+@pytest.mark.parametrize("N, T", [(0, 6), (0, 1), (3, 1)])
+def test_sampler_graph_empty_batch_and_no_characters(cpu_engine, N, T):
+    """Edge shapes of the graph's inputs: no rows, and a single column (only the forced end token)."""
+    tokens, logprob, rechecked = cpu_engine.sampler.run(None, unit_feeds(np.zeros((N, cpu_engine.block_size)), np.full((N, T), 0.5, np.float32), T - 1))
+    assert tokens.shape == (N, T) and logprob.shape == rechecked.shape == (N,)
+    assert (tokens == 0).all() and not rechecked.any()
+
+
 def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint):
     """Uniforms placed on either side of a CDF boundary must be rechecked in float64, and match the spec."""
     model, _, _ = tiny_checkpoint

@@ -142,7 +142,8 @@ def test_sampler_graph_vs_spec_on_random_rows(cpu_engine, tiny_checkpoint):
 @pytest.mark.parametrize("N, T", [(0, 6), (0, 1), (3, 1)])
 def test_sampler_graph_empty_batch_and_no_characters(cpu_engine, N, T):
     """Edge shapes of the graph's inputs: no rows, and a single column (only the forced end token)."""
-    tokens, logprob, rechecked = cpu_engine.sampler.run(None, unit_feeds(np.zeros((N, cpu_engine.block_size)), np.full((N, T), 0.5, np.float32), T - 1))
+    feeds = unit_feeds(np.zeros((N, cpu_engine.block_size)), np.full((N, T), 0.5, np.float32), T - 1)
+    tokens, logprob, rechecked = cpu_engine.sampler.run(None, feeds)
     assert tokens.shape == (N, T) and logprob.shape == rechecked.shape == (N,)
     assert (tokens == 0).all() and not rechecked.any()
 

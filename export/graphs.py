@@ -295,7 +295,7 @@ def _run_loop(b, tree, ctx0, N, T, hint):
     out = b.name(hint)
     b.nodes.append(_dispatch(tree, [T, cond0, ctx0, rows0], out))
     # Reshape: when no step ran (N = 0) ORT leaves the scan output shaped (0, 0, 0).
-    steps = b.op("Slice", [b.op("Shape", [out]), b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)])  # (1,)
+    steps = b.op("Shape", [out], start=0, end=1)  # (1,)
     shape = b.op("Concat", [steps, b.op("Unsqueeze", [N, zero]), b.const([3], dtype=np.int64)], axis=0)
     return b.op("Reshape", [out, shape])  # (steps, N, 3)
 

@@ -231,10 +231,8 @@ class Engine:
         outputs are joined in row order.
         """
         n = len(feed["uniforms"])
-        if self.provider == "cuda":  # a GPU wants the whole run at once
-            shards = 1
-        else:
-            shards = max(min(self.threads, n // MIN_SHARD_ROWS), -(-n // MAX_SHARD_ROWS), 1)
+        # A GPU wants the whole run at once (self.threads is 1 there).
+        shards = 1 if self.provider == "cuda" else max(min(self.threads, n // MIN_SHARD_ROWS), -(-n // MAX_SHARD_ROWS), 1)
         if shards == 1:
             return self.sampler.run(None, feed)
         bounds = [n * j // shards for j in range(shards + 1)]

@@ -12,7 +12,8 @@ import onnx
 import torch
 
 from export.fold import fold_for_export, folded_logit_error
-from export.graphs import OPSET, build_logits_model, build_sampler_model, logit_shift
+from export.graphs import OPSET, build_logits_model, logit_shift
+from export.sampler_graph import build_sampler_model
 from trainer.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from trainer.dataset import build_examples, split_words
 

@@ -166,16 +166,46 @@ def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint):
     assert set(tokens[:, 0].tolist()) <= {3, 4}
 
 
-def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint):
+def sampler_session(folded, block_size, **kwargs):
+    import onnxruntime as ort
+
+    from export.sampler_graph import build_sampler_model
+
+    model = build_sampler_model(folded, block_size, {}, **kwargs)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_small_batches_match_the_compacting_loop_and_the_spec(tiny_checkpoint):
+    """Batches of up to SMALL_ROWS unit-temperature rows take SmallLoop (no compaction, logprobs and
+    margins after the loop): the same tokens and recheck flags as the compacting loop, the spec's tokens."""
+    from export.fold import fold_for_export
+    from export.sampler_graph import SMALL_ROWS
+
+    model, _, _ = tiny_checkpoint
+    B, V, T = model.cfg.block_size, 27, 10
+    folded = fold_for_export(model)
+    small, plain = sampler_session(folded, B), sampler_session(folded, B, small_rows=0)
+    rng = np.random.default_rng(5)
+    for N in (1, 2, 7, SMALL_ROWS):
+        for _ in range(40):
+            feeds = unit_feeds(rng.integers(0, V, (N, B)), rng.random((N, T), dtype=np.float32), T - 1)
+            feeds["max_tokens"] = rng.integers(0, T, N).astype(np.int64)
+            (tok, lp, re), (tok0, lp0, re0) = small.run(None, feeds), plain.run(None, feeds)
+            rt, rl = spec(model, feeds)
+            assert (tok == rt.numpy()).all() and (tok == tok0).all() and (re == re0).all()
+            assert np.allclose(lp, lp0, rtol=0, atol=1e-5) and np.allclose(lp, rl.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows_per_run", [None, 16])
+def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint, rows_per_run):
     """The float64 check must catch every fast-path decision that could be wrong, not only the ones
     float32 rounding happens to flip. The fast path gets logits off by MARGIN / 3 (gaps between two
     logits then move by under MARGIN; ~5x float32's rounding), and each row's third uniform lies within
     3e-5 of a float64 CDF boundary of its third step, so many rows' fast tokens are wrong from a step
-    whose context comes from earlier tokens; the output must still be the spec's."""
-    import onnxruntime as ort
-
+    whose context comes from earlier tokens; the output must still be the spec's. rows_per_run 16:
+    unit-temperature rows only, 16 per run: SmallLoop's margins."""
     from export.fold import fold_for_export
-    from export.graphs import MARGIN, build_sampler_model
+    from export.sampler_step import MARGIN
 
     model, _, _ = tiny_checkpoint
     B, V = model.cfg.block_size, 27
@@ -185,7 +215,7 @@ def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint
     with torch.no_grad():
         off.lm_head.bias.add_(torch.from_numpy(rng.choice([-MARGIN / 3, MARGIN / 3], V)))
     N, T = 3000, 4
-    temperature = rng.choice([1.0, 0.7], N).astype(np.float32)
+    temperature = rng.choice([1.0, 0.7] if rows_per_run is None else [1.0], N).astype(np.float32)
     feeds = {**unit_feeds(rng.integers(0, V, (N, B)), rng.random((N, T), dtype=np.float32), max_tokens=T - 1),
              "temperature": temperature}
     first, _ = spec(model, {**feeds, "max_tokens": np.full(N, 2, np.int64)})  # the first two tokens
@@ -195,9 +225,10 @@ def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint
     j = torch.from_numpy(rng.integers(0, V - 1, N))[:, None]
     near = cdf.gather(1, j)[:, 0].numpy() + rng.uniform(-3e-5, 3e-5, N)
     feeds["uniforms"][:, 2] = np.clip(near, 0, 1 - 1e-7).astype(np.float32)
-    sess = ort.InferenceSession(build_sampler_model(folded, B, {}, fast_folded=off).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
-    tokens, _, rechecked = sess.run(None, feeds)
+    sess = sampler_session(folded, B, fast_folded=off)
+    step = rows_per_run or N
+    runs = [sess.run(None, {k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, N, step)]
+    tokens, rechecked = np.concatenate([r[0] for r in runs]), np.concatenate([r[2] for r in runs])
     rt, _ = spec(model, feeds)
     assert (tokens == rt.numpy()).all()
     wrong = (spec(off, feeds)[0] != rt).any(1).numpy()  # rows the offset weights alone would get wrong
@@ -207,10 +238,8 @@ def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint
 def test_logit_shift_bounds_every_context_and_falls_back(tiny_checkpoint, splits):
     """The static shift (graphs.logit_shift) keeps exp(logits - c) inside float32 for the contexts seen, and
     a model whose logits it can't bound gets the per-row max instead, with the same exact parity."""
-    import onnxruntime as ort
-
     from export.fold import fold_for_export
-    from export.graphs import build_sampler_model, logit_shift
+    from export.graphs import logit_shift
 
     model, vocab, _ = tiny_checkpoint
     folded = fold_for_export(model)
@@ -226,8 +255,7 @@ def test_logit_shift_bounds_every_context_and_falls_back(tiny_checkpoint, splits
         loud.lm_head.weight.mul_(50)  # logits up to ~50x larger: no shift is provable
     folded = fold_for_export(loud)
     assert logit_shift(folded) is None
-    sess = ort.InferenceSession(build_sampler_model(folded, model.cfg.block_size, {}).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
+    sess = sampler_session(folded, model.cfg.block_size)
     rng = np.random.default_rng(1)
     N, T = 2000, 10
     feeds = unit_feeds(rng.integers(0, 27, (N, model.cfg.block_size)), rng.random((N, T), dtype=np.float32), T - 1)
@@ -244,7 +272,7 @@ def test_thin_logit_gap_takes_the_exact_path(cpu_engine, tiny_checkpoint, nucleu
     token) cuts between them; the fast path must hand such rows to the exact path."""
     import itertools
 
-    from export.graphs import MARGIN
+    from export.sampler_step import MARGIN
 
     model, _, _ = tiny_checkpoint
     B, V = model.cfg.block_size, 27

@@ -1,4 +1,4 @@
-"""The sampling algorithm, defined once. This torch code is the specification; export/graphs.py compiles
+"""The sampling algorithm, defined once. This torch code is the specification; export/sampler_graph.py compiles
 exactly these steps into one ONNX graph, and tests check that the two give identical tokens.
 
 Per row and step, in float64:
@@ -18,7 +18,7 @@ Filters select by thresholds, not sorted positions, so ties and sort order can't
 
 Why float64: torch and ONNX Runtime round float32 matrix products differently (~1e-7), and a uniform that
 close to a CDF boundary picks another token (about one name in 20,000). The compiled sampler runs unfiltered
-rows in float32 and redoes in float64 every row whose uniform came near a boundary (export/graphs.py), so it
+rows in float32 and redoes in float64 every row whose uniform came near a boundary (export/sampler_graph.py), so it
 matches this float64 definition exactly.
 """
 import copy

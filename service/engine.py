@@ -136,7 +136,12 @@ class Request:
         self.remaining = params.num_samples
         self.drawn = 0
         self.max_draws = max_draws
-        self.context = np.asarray(context, dtype=np.int64)  # (block_size,)
+        # The sampler's per-row inputs for one row of this request (the rows of a run repeat them).
+        self.row = {
+            "context": np.asarray(context, dtype=np.int64)[None],  # (1, block_size)
+            "temperature": np.array([params.temperature], np.float32), "top_k": np.array([params.top_k], np.int64),
+            "top_p": np.array([params.top_p], np.float32), "max_tokens": np.array([self.T - 1], np.int64),
+        }
         self.prefix_logprob = prefix_logprob
         self.error = None  # a GenerationError that ended this request (it concerns no other request)
 
@@ -198,24 +203,24 @@ class Engine:
 
         A request that exhausts its only_new draw budget gets request.error; the others are unaffected.
         """
-        reqs, counts = [r for r, _ in parts], np.array([n for _, n in parts])
-        T = max(r.T for r in reqs)
-        uni = np.empty((counts.sum(), T), np.float32)  # columns past a row's forced end are never read
-        i = 0
-        for req, n in parts:
-            uni[i : i + n, : req.T] = req.rng.random((n, req.T), dtype=np.float32)  # its next n rows, in order
+        if len(parts) == 1:  # the common case, without the copies: a lone 1-row request feeds its own arrays
+            (req, n), = parts
+            feed = {k: np.repeat(a, n, axis=0) if n > 1 else a for k, a in req.row.items()}
+            feed["uniforms"] = req.rng.random((n, req.T), dtype=np.float32)  # its next n rows, in order
             req.drawn += n
-            i += n
-        per_row = lambda values, dtype: np.repeat(np.array(values, dtype), counts, axis=0)  # noqa: E731
-        tokens, logprob, rechecked = self._sample({
-            "context": per_row([r.context for r in reqs], np.int64), "uniforms": uni,
-            "temperature": per_row([r.params.temperature for r in reqs], np.float32),
-            "top_k": per_row([r.params.top_k for r in reqs], np.int64),
-            "top_p": per_row([r.params.top_p for r in reqs], np.float32),
-            "max_tokens": per_row([r.T - 1 for r in reqs], np.int64),
-        })
+        else:
+            counts = [n for _, n in parts]
+            feed = {k: np.repeat(np.concatenate([r.row[k] for r, _ in parts]), counts, axis=0) for k in parts[0][0].row}
+            T = max(r.T for r, _ in parts)
+            feed["uniforms"] = uni = np.empty((sum(counts), T), np.float32)  # columns past a row's forced end are never read
+            i = 0
+            for req, n in parts:
+                uni[i : i + n, : req.T] = req.rng.random((n, req.T), dtype=np.float32)
+                req.drawn += n
+                i += n
+        tokens, logprob, rechecked = self._sample(feed)
         self.rows_sampled += len(tokens)
-        self.rows_rechecked += int(rechecked.sum())  # rows with a thin step, checked in float64
+        self.rows_rechecked += np.count_nonzero(rechecked)  # rows with a thin step, checked in float64
         names = self.decode(tokens)
         out, i = [], 0
         for req, n in parts:

@@ -52,7 +52,8 @@ $(ART)/model.pt: | $(STAMP)
 export: $(ART)/model.pt
 	$(PY) -m export.export --checkpoint $(ART)/model.pt --out-dir $(ART)
 
-$(ART)/sampler.onnx $(ART)/model.onnx: $(ART)/model.pt
+# Re-exported when the checkpoint or the graph-building code changes (a pull that changes the sampler).
+$(ART)/sampler.onnx $(ART)/model.onnx: $(ART)/model.pt $(filter-out export/verify.py export/bench.py,$(wildcard export/*.py))
 	$(PY) -m export.export --checkpoint $(ART)/model.pt --out-dir $(ART)
 
 verify: $(ART)/sampler.onnx

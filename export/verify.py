@@ -5,7 +5,8 @@
 1. logits: the unfolded torch eval model in float64 vs the folded float32 torch model and model.onnx on the
    whole val split (max abs diff)
 2. names: torch reference sampler vs the compiled sampler (engine) over a grid of seeds, temperatures,
-   top_k, top_p and prefixes: the share of identical names (target 100%) and the max logprob difference.
+   top_k, top_p and prefixes: the share of identical names (target 100%) and the max logprob difference;
+   then small requests (1-16 names), which the sampler runs in its few-row loop.
 On the CPU provider always, and on CUDA when it loads. Exits 1 if a target is missed.
 """
 import argparse
@@ -42,18 +43,31 @@ def logits_parity(model, engine, X):
             "onnx_vs_torch": float(np.abs(onnx_logits - ref).max())}
 
 
-def names_parity(model, vocab, words, engine, names_per_setting, seeds=(0, 1, 2, 3)):
+def compare(model, vocab, words, engine, params):
+    """-> (names, identical names, max logprob diff over the identical ones) for one request."""
+    got, ref = engine.generate(params), reference_generate(model, vocab, params, words)
+    same = [abs(g.logprob - r[1]) for g, r in zip(got, ref) if g.name == r[0]]
+    return len(ref), len(same), max(same, default=0.0)
+
+
+def names_parity(model, vocab, words, engine, names_per_setting, seeds=(0, 1, 2, 3), small_requests=300):
+    """The grid, one request of names_per_setting names per setting; then small_requests requests of 1-16
+    names at temperature 1 without top-k/top-p (the sampler's few-row loop), prefixes cycled."""
     rows, total, same, worst_lp = [], 0, 0, 0.0
     settings = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
     for j, s in enumerate(settings):
         p = GenerateParams(num_samples=names_per_setting, seed=seeds[j % len(seeds)] * 1000 + j, **s)
-        got = engine.generate(p)
-        ref = reference_generate(model, vocab, p, words)
-        n_same = sum(g.name == r[0] for g, r in zip(got, ref))
-        lp = max(abs(g.logprob - r[1]) for g, r in zip(got, ref) if g.name == r[0])
-        rows.append({**s, "seed": p.seed, "names": len(ref), "identical": n_same, "max_logprob_diff": lp})
-        total, same, worst_lp = total + len(ref), same + n_same, max(worst_lp, lp)
-    return {"names": total, "identical": same, "share": same / total, "max_logprob_diff": worst_lp, "settings": rows}
+        n, n_same, lp = compare(model, vocab, words, engine, p)
+        rows.append({**s, "seed": p.seed, "names": n, "identical": n_same, "max_logprob_diff": lp})
+        total, same, worst_lp = total + n, same + n_same, max(worst_lp, lp)
+    small = {"requests": small_requests, "names": 0, "identical": 0, "max_logprob_diff": 0.0}
+    for i in range(small_requests):
+        p = GenerateParams(num_samples=1 if i % 2 == 0 else 2 + i % 15, seed=10**6 + i, prefix=GRID["prefix"][i % 3])
+        n, n_same, lp = compare(model, vocab, words, engine, p)
+        small.update(names=small["names"] + n, identical=small["identical"] + n_same,
+                     max_logprob_diff=max(small["max_logprob_diff"], lp))
+    return {"names": total, "identical": same, "share": same / total, "max_logprob_diff": worst_lp, "settings": rows,
+            "small_requests": small}
 
 
 def main(argv=None):
@@ -91,7 +105,11 @@ def main(argv=None):
         for r in nm["settings"]:
             if r["identical"] != r["names"]:
                 print(f"    mismatch: {r}")
+        sm = nm["small_requests"]
+        print(f"[{provider}] small requests: {sm['identical']}/{sm['names']} names identical over {sm['requests']} requests "
+              f"of 1-16 names (temperature 1, no top-k/top-p); max logprob diff {sm['max_logprob_diff']:.2e}")
         ok &= lg["fold_vs_torch"] <= LOGIT_TOL and lg["onnx_vs_torch"] <= LOGIT_TOL and nm["share"] == 1.0
+        ok &= sm["identical"] == sm["names"]
     out = Path(args.json) if args.json else d / "verify.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}\n{'PASS' if ok else 'FAIL'}")

@@ -215,7 +215,7 @@ class Engine:
             feed["uniforms"] = uni = np.empty((sum(counts), T), np.float32)  # columns past a row's forced end are never read
             i = 0
             for req, n in parts:
-                uni[i : i + n, : req.T] = req.rng.random((n, req.T), dtype=np.float32)
+                uni[i : i + n, : req.T] = req.rng.random((n, req.T), dtype=np.float32)  # each request's next n rows
                 req.drawn += n
                 i += n
         tokens, logprob, rechecked = self._sample(feed)

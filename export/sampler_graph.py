@@ -16,7 +16,7 @@ from onnx import helper
 from export.graphs import BOOL, DOUBLE, FLOAT, INT64, Builder, logit_shift, make_model
 from export.sampler_step import SmallLoop, sampling_body
 
-# Batches of at most this many rows take SmallLoop (unit temperature, no top-k / top-p, a logit shift).
+# Batches of at most this many rows without top-k / top-p take SmallLoop.
 SMALL_ROWS = 16
 
 
@@ -204,11 +204,12 @@ def build_sampler_model(folded, block_size, metadata, fast_folded=None, small_ro
     # top_p >= 1 means 2, so no token is ever outside the nucleus.
     b.op("Unsqueeze", [b.op("Where", ["use_p", "top_p", b.const(np.array(2.0, np.float32))]), ax1], outputs=["topp32_n1"])
     shift = logit_shift(fast_folded)
-    t1 = sampling_body(fast_folded, V, exact=False, unit_temperature=True, shift=shift)
-    if shift is not None and small_rows > 0:  # a few rows: the small loop (see SmallLoop)
+    plain = ("unit_temperature", sampling_body(fast_folded, V, exact=False),
+             sampling_body(fast_folded, V, exact=False, unit_temperature=True, shift=shift))
+    if small_rows > 0:  # a few rows: the small loops (see SmallLoop)
         small = b.op("And", [b.op("Greater", [N, zero]), b.op("LessOrEqual", [N, b.const(np.array(small_rows, np.int64))])])
-        t1 = (small, t1, SmallLoop(fast_folded, V, shift))
-    plain = ("unit_temperature", sampling_body(fast_folded, V, exact=False), t1)
+        plain = (plain[0], (small, plain[1], SmallLoop(fast_folded, V, unit_temperature=False)),
+                 (small, plain[2], SmallLoop(fast_folded, V, shift=shift)))
     filters = (_any(b, "use_p"), sampling_body(fast_folded, V, exact=False, filtered=True, top_p=False),
                sampling_body(fast_folded, V, exact=False, filtered=True))
     fast = _run_loop(b, (_any(b, "filtered"), plain, filters), "context", N, T, "fast")

@@ -189,21 +189,28 @@ def sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shif
 
 
 class SmallLoop:
-    """The fast unit-temperature path for a few rows, where ONNX Runtime's ~1 us per node, not arithmetic,
-    is the cost: a body of 18 nodes instead of 40. It keeps every row to the end instead of compacting
-    (rows that ended carry on and are masked out afterwards), works in (N, V) so tokens come out as the
-    (N, 1) column the context takes, and emits each step's logits and tokens as scan outputs; the
-    log-probabilities and margins (the formulas of sampling_body) are computed once over all the steps
-    after the loop. The result is _run_loop's (steps, N, 3) [token, logprob, thin]."""
+    """The fast path for a few rows without top-k or top-p, where ONNX Runtime's ~1 us per node, not
+    arithmetic, is the cost: a body of 18 nodes (21 with per-row temperatures or no logit shift) instead
+    of 40. It keeps every row to the end instead of compacting (rows that ended carry on and are masked
+    out afterwards), works in (N, V) so tokens come out as the (N, 1) column the context takes, and emits
+    each step's logits and tokens as scan outputs; the log-probabilities and margins (the formulas of
+    sampling_body) are computed once over all the steps after the loop. The result is _run_loop's
+    (steps, N, 3) [token, logprob, thin].
+    unit_temperature with a `shift` (logit_shift): s = logits - shift, as in sampling_body; otherwise
+    s = logits - max, divided by each row's temperature."""
 
-    def __init__(self, folded, V, shift):
-        self.V = V
-        b = Builder("s32_small_")
+    def __init__(self, folded, V, shift=None, unit_temperature=True):
+        self.V, self.unit = V, unit_temperature
+        static = unit_temperature and shift is not None
+        tag = "small_t1" if unit_temperature else "small"
+        self.u, self.temp = f"uniforms32_tn1_{tag}", f"temp32_n1_{tag}"  # (T, N, 1), (N, 1) from build()
+        b = Builder(f"s32_{tag}_")
         ax1 = b.const([1], dtype=np.int64)
-        s = add_forward(b, weight_inits(b, folded, head_shift=shift), "ctx_in")  # (N, V) logits - shift
-        wt = b.op("Exp", [s])
+        lt = add_forward(b, weight_inits(b, folded, head_shift=shift if static else 0.0), "ctx_in")  # (N, V)
+        s = lt if static else b.op("Sub", [lt, b.op("ReduceMax", [lt, ax1], keepdims=1)])  # (N, V) logits - shift / max
+        wt = b.op("Exp", [s if unit_temperature else b.op("Div", [s, self.temp])])
         cdf, total = _cdf(b, wt, V, 1)  # (N, V), (N, 1)
-        tok_f, tok = _pick(b, cdf, b.op("Mul", [b.op("Gather", ["uniforms32_tn1", "i"]), total]), 1, FLOAT)  # (N, 1)
+        tok_f, tok = _pick(b, cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total]), 1, FLOAT)  # (N, 1)
         # alive: 1 until the row's end token (tok_f = 0), then 0; the loop stops when no row is alive.
         b.op("Min", ["alive_in", tok_f], outputs=["alive_out"])
         b.op("Cast", [b.op("ReduceMax", ["alive_out"], keepdims=0)], outputs=["cond_out"], to=BOOL)
@@ -211,7 +218,7 @@ class SmallLoop:
              outputs=["ctx_out"], axis=1)
         vi = helper.make_tensor_value_info
         self.body = helper.make_graph(
-            b.nodes, "sample_step_small",
+            b.nodes, f"sample_step_{tag}",
             [vi("i", INT64, []), vi("cond_in", BOOL, []), vi("ctx_in", INT64, None), vi("alive_in", FLOAT, None)],
             [vi("cond_out", BOOL, []), vi("ctx_out", INT64, None), vi("alive_out", FLOAT, None),
              vi(s, FLOAT, None), vi(tok_f, FLOAT, None)],
@@ -223,19 +230,24 @@ class SmallLoop:
         T, cond0, ctx0, _ = inputs
         b = Builder(out + "_small_")
         ax0 = b.const([0], dtype=np.int64)
-        b.op("Transpose", ["uniforms32_t"], outputs=["uniforms32_tn1"], perm=[0, 2, 1])  # (T, N, 1)
+        b.op("Transpose", ["uniforms32_t"], outputs=[self.u], perm=[0, 2, 1])  # (T, N, 1)
+        if not self.unit:
+            b.op("Transpose", ["temp32_1n"], outputs=[self.temp], perm=[1, 0])  # (N, 1)
         alive0 = b.op("ConstantOfShape", [b.op("Concat", [b.op("Shape", [ctx0], start=0, end=1), b.const([1], dtype=np.int64)], axis=0)],
                       value=helper.make_tensor("one", FLOAT, [1], [1.0]))  # (N, 1)
-        S, K = b.name("logits"), b.name("tokens")  # (steps, N, V), (steps, N, 1)
+        S, K = b.name("s"), b.name("tokens")  # (steps, N, V), (steps, N, 1)
         b.nodes.append(helper.make_node("Loop", [T, cond0, ctx0, alive0], [b.name("ctx"), b.name("alive"), S, K], body=self.body))
         zero = b.const(np.array(0.0, np.float32))
         ended = b.op("CumSum", [b.op("Cast", [b.op("Equal", [K, zero])], to=FLOAT), b.const(np.array(0, np.int64))], exclusive=1)
         alive = b.op("Cast", [b.op("Equal", [ended, zero])], to=FLOAT)  # (steps, N, 1): the row hadn't ended before
-        wt = b.op("Exp", [S])
+        wt = b.op("Exp", [S if self.unit else b.op("Div", [S, self.temp])])
         cdf, total = _cdf(b, wt, self.V, 2)  # (steps, N, V), (steps, N, 1)
-        u = b.op("Slice", ["uniforms32_tn1", ax0, b.op("Shape", [K], start=0, end=1), ax0])  # (steps, N, 1)
+        u = b.op("Slice", [self.u, ax0, b.op("Shape", [K], start=0, end=1), ax0])  # (steps, N, 1)
         tok = b.op("Cast", [K], to=INT64)
-        lp = _logprob(b, S, tok, total, 2)
-        thin = _thin(b, _margin(b, cdf, wt, b.op("Mul", [u, total]), total, tok, 2))
+        # The model's own log-probability (temperature 1): its own sum of exp(s) unless that is the CDF's total.
+        sumexp = total if self.unit else b.op("ReduceSum", [b.op("Exp", [S]), b.const([2], dtype=np.int64)], keepdims=1)
+        lp = _logprob(b, S, tok, sumexp, 2)
+        margin = _margin(b, cdf, wt, b.op("Mul", [u, total]), total, tok, 2)
+        thin = _thin(b, margin if self.unit else b.op("Mul", [margin, self.temp]))  # errors scale with 1 / temperature
         b.op("Mul", [b.op("Concat", [K, lp, thin], axis=2), alive], outputs=[out])  # (steps, N, 3), ended rows 0
         return b.nodes, b.inits

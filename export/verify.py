@@ -52,7 +52,7 @@ def compare(model, vocab, words, engine, params):
 
 def names_parity(model, vocab, words, engine, names_per_setting, seeds=(0, 1, 2, 3), small_requests=300):
     """The grid, one request of names_per_setting names per setting; then small_requests requests of 1-16
-    names at temperature 1 without top-k/top-p (the sampler's few-row loop), prefixes cycled."""
+    names without top-k/top-p (the sampler's few-row loop), prefixes and temperatures cycled."""
     rows, total, same, worst_lp = [], 0, 0, 0.0
     settings = [dict(zip(GRID, v)) for v in itertools.product(*GRID.values())]
     for j, s in enumerate(settings):
@@ -62,7 +62,8 @@ def names_parity(model, vocab, words, engine, names_per_setting, seeds=(0, 1, 2,
         total, same, worst_lp = total + n, same + n_same, max(worst_lp, lp)
     small = {"requests": small_requests, "names": 0, "identical": 0, "max_logprob_diff": 0.0}
     for i in range(small_requests):
-        p = GenerateParams(num_samples=1 if i % 2 == 0 else 2 + i % 15, seed=10**6 + i, prefix=GRID["prefix"][i % 3])
+        p = GenerateParams(num_samples=1 if i % 2 == 0 else 2 + i % 15, seed=10**6 + i, prefix=GRID["prefix"][i % 3],
+                           temperature=GRID["temperature"][i // 3 % 3])
         n, n_same, lp = compare(model, vocab, words, engine, p)
         small.update(names=small["names"] + n, identical=small["identical"] + n_same,
                      max_logprob_diff=max(small["max_logprob_diff"], lp))
@@ -107,7 +108,7 @@ def main(argv=None):
                 print(f"    mismatch: {r}")
         sm = nm["small_requests"]
         print(f"[{provider}] small requests: {sm['identical']}/{sm['names']} names identical over {sm['requests']} requests "
-              f"of 1-16 names (temperature 1, no top-k/top-p); max logprob diff {sm['max_logprob_diff']:.2e}")
+              f"of 1-16 names (temperatures {GRID['temperature']}, no top-k/top-p); max logprob diff {sm['max_logprob_diff']:.2e}")
         ok &= lg["fold_vs_torch"] <= LOGIT_TOL and lg["onnx_vs_torch"] <= LOGIT_TOL and nm["share"] == 1.0
         ok &= sm["identical"] == sm["names"]
     out = Path(args.json) if args.json else d / "verify.json"

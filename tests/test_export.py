@@ -175,35 +175,46 @@ def sampler_session(folded, block_size, **kwargs):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_small_batches_match_the_compacting_loop_and_the_spec(tiny_checkpoint):
-    """Batches of up to SMALL_ROWS unit-temperature rows take SmallLoop (no compaction, logprobs and
-    margins after the loop): the same tokens and recheck flags as the compacting loop, the spec's tokens."""
+@pytest.mark.parametrize("loud", [False, True], ids=["shifted", "no-shift"])
+def test_small_batches_match_the_compacting_loop_and_the_spec(tiny_checkpoint, loud):
+    """Batches of up to SMALL_ROWS rows without top-k / top-p take SmallLoop (no compaction, logprobs and
+    margins after the loop): the same tokens and recheck flags as the compacting loop, the spec's tokens;
+    at temperature 1 and at per-row temperatures, with the logit shift and (loud: logits too large to
+    bound) without it."""
     from export.fold import fold_for_export
+    from export.graphs import logit_shift
     from export.sampler_graph import SMALL_ROWS
 
     model, _, _ = tiny_checkpoint
+    if loud:
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(50)
     B, V, T = model.cfg.block_size, 27, 10
     folded = fold_for_export(model)
+    assert (logit_shift(folded) is None) == loud
     small, plain = sampler_session(folded, B), sampler_session(folded, B, small_rows=0)
     rng = np.random.default_rng(5)
     for N in (1, 2, 7, SMALL_ROWS):
-        for _ in range(40):
-            feeds = unit_feeds(rng.integers(0, V, (N, B)), rng.random((N, T), dtype=np.float32), T - 1)
-            feeds["max_tokens"] = rng.integers(0, T, N).astype(np.int64)
-            (tok, lp, re), (tok0, lp0, re0) = small.run(None, feeds), plain.run(None, feeds)
-            rt, rl = spec(model, feeds)
-            assert (tok == rt.numpy()).all() and (tok == tok0).all() and (re == re0).all()
-            assert np.allclose(lp, lp0, rtol=0, atol=1e-5) and np.allclose(lp, rl.numpy(), atol=1e-4)
+        for temperatures in ([1.0], [0.4, 1.0, 1.7]):
+            for _ in range(20):
+                feeds = unit_feeds(rng.integers(0, V, (N, B)), rng.random((N, T), dtype=np.float32), T - 1)
+                feeds["max_tokens"] = rng.integers(0, T, N).astype(np.int64)
+                feeds["temperature"] = rng.choice(temperatures, N).astype(np.float32)
+                (tok, lp, re), (tok0, lp0, re0) = small.run(None, feeds), plain.run(None, feeds)
+                rt, rl = spec(model, feeds)
+                assert (tok == rt.numpy()).all() and (tok == tok0).all() and (re == re0).all()
+                assert np.allclose(lp, lp0, rtol=0, atol=1e-5) and np.allclose(lp, rl.numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("rows_per_run", [None, 16])
-def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint, rows_per_run):
+@pytest.mark.parametrize("rows_per_run, temperatures", [(None, (1.0, 0.7)), (16, (1.0,)), (16, (1.0, 0.7))])
+def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint, rows_per_run, temperatures):
     """The float64 check must catch every fast-path decision that could be wrong, not only the ones
     float32 rounding happens to flip. The fast path gets logits off by MARGIN / 3 (gaps between two
     logits then move by under MARGIN; ~5x float32's rounding), and each row's third uniform lies within
     3e-5 of a float64 CDF boundary of its third step, so many rows' fast tokens are wrong from a step
     whose context comes from earlier tokens; the output must still be the spec's. rows_per_run 16:
-    unit-temperature rows only, 16 per run: SmallLoop's margins."""
+    16 rows per run, SmallLoop's margins."""
     from export.fold import fold_for_export
     from export.sampler_step import MARGIN
 
@@ -215,7 +226,7 @@ def test_float64_stages_correct_any_fast_path_error_under_margin(tiny_checkpoint
     with torch.no_grad():
         off.lm_head.bias.add_(torch.from_numpy(rng.choice([-MARGIN / 3, MARGIN / 3], V)))
     N, T = 3000, 4
-    temperature = rng.choice([1.0, 0.7] if rows_per_run is None else [1.0], N).astype(np.float32)
+    temperature = rng.choice(temperatures, N).astype(np.float32)
     feeds = {**unit_feeds(rng.integers(0, V, (N, B)), rng.random((N, T), dtype=np.float32), max_tokens=T - 1),
              "temperature": temperature}
     first, _ = spec(model, {**feeds, "max_tokens": np.full(N, 2, np.int64)})  # the first two tokens

@@ -233,12 +233,14 @@ class SmallLoop:
         b.op("Transpose", ["uniforms32_t"], outputs=[self.u], perm=[0, 2, 1])  # (T, N, 1)
         if not self.unit:
             b.op("Transpose", ["temp32_1n"], outputs=[self.temp], perm=[1, 0])  # (N, 1)
-        alive0 = b.op("ConstantOfShape", [b.op("Concat", [b.op("Shape", [ctx0], start=0, end=1), b.const([1], dtype=np.int64)], axis=0)],
-                      value=helper.make_tensor("one", FLOAT, [1], [1.0]))  # (N, 1)
+        n1 = b.op("Concat", [b.op("Shape", [ctx0], start=0, end=1), b.const([1], dtype=np.int64)], axis=0)  # [N, 1]
+        alive0 = b.op("ConstantOfShape", [n1], value=helper.make_tensor("one", FLOAT, [1], [1.0]))  # (N, 1)
         S, K = b.name("s"), b.name("tokens")  # (steps, N, V), (steps, N, 1)
-        b.nodes.append(helper.make_node("Loop", [T, cond0, ctx0, alive0], [b.name("ctx"), b.name("alive"), S, K], body=self.body))
+        loop_out = [b.name("ctx"), b.name("alive"), S, K]
+        b.nodes.append(helper.make_node("Loop", [T, cond0, ctx0, alive0], loop_out, body=self.body))
         zero = b.const(np.array(0.0, np.float32))
-        ended = b.op("CumSum", [b.op("Cast", [b.op("Equal", [K, zero])], to=FLOAT), b.const(np.array(0, np.int64))], exclusive=1)
+        ends = b.op("Cast", [b.op("Equal", [K, zero])], to=FLOAT)  # (steps, N, 1): 1 at a row's end token
+        ended = b.op("CumSum", [ends, b.const(np.array(0, np.int64))], exclusive=1)  # end tokens before each step
         alive = b.op("Cast", [b.op("Equal", [ended, zero])], to=FLOAT)  # (steps, N, 1): the row hadn't ended before
         wt = b.op("Exp", [S if self.unit else b.op("Div", [S, self.temp])])
         cdf, total = _cdf(b, wt, self.V, 2)  # (steps, N, V), (steps, N, 1)

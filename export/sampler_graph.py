@@ -69,7 +69,7 @@ def _run_loop(b, tree, ctx0, N, T, hint):
 
 
 def _collect(b, steps, T, thin_out=None):
-    """(steps, N, 3) -> tokens (N, T) int64 padded with the end token, logprob (N,) float64; with thin_out
+    """(steps, N, 3) -> tokens (N, T) int64 padded with the end token, logprob (N,) in the steps' dtype; with thin_out
     (the fast path's float32 steps), also the output thin_out (N,) bool: some step's margin was thin.
 
     One ReduceSum over the steps, the leading axis, for which ONNX Runtime's ReduceSum has a fast path:
@@ -78,13 +78,12 @@ def _collect(b, steps, T, thin_out=None):
     """
     zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
     sums = b.op("ReduceSum", [steps, b.const([0], dtype=np.int64)], keepdims=0)  # (N, 3)
-    lp = b.op("Cast", [b.op("Gather", [sums, one], axis=1)], to=DOUBLE)  # (N,)
+    lp = b.op("Gather", [sums, one], axis=1)  # (N,)
     if thin_out:
         thin = b.op("Gather", [sums, b.const(np.array(2, np.int64))], axis=1)  # (N,) count of thin steps
         b.op("Greater", [thin, b.const(np.array(0, np.float32))], outputs=[thin_out])
     tok = b.op("Cast", [b.op("Transpose", [b.op("Gather", [steps, zero], axis=2)], perm=[1, 0])], to=INT64)  # (N, steps)
-    pads = b.op("Concat", [b.const([0, 0, 0], dtype=np.int64),
-                           b.op("Unsqueeze", [b.op("Sub", [T, b.op("Gather", [b.op("Shape", [tok]), one])]), zero])], axis=0)
+    pads = b.op("Concat", [b.const([0, 0, 0], dtype=np.int64), b.op("Sub", [T, b.op("Shape", [tok], start=1, end=2)])], axis=0)
     return b.op("Pad", [tok, pads]), lp
 
 
@@ -108,7 +107,7 @@ def _keep_fast(tok32, lp32, sfx):
     """If-branch that returns the fast path's results as they are: tokens_{sfx}, logprob_{sfx}."""
     vi = helper.make_tensor_value_info
     return helper.make_graph(
-        [helper.make_node("Identity", [tok32], [f"tokens_{sfx}"]), helper.make_node("Cast", [lp32], [f"logprob_{sfx}"], to=FLOAT)],
+        [helper.make_node("Identity", [tok32], [f"tokens_{sfx}"]), helper.make_node("Identity", [lp32], [f"logprob_{sfx}"])],
         f"keep_fast_{sfx}", [], [vi(f"tokens_{sfx}", INT64, None), vi(f"logprob_{sfx}", FLOAT, None)])
 
 
@@ -128,7 +127,7 @@ def _exact_stage(folded, V, T, tok32, lp32, exact):
     ctx = b.op("Gather", ["context", ridx])  # (E, block_size)
     tok64, lp64 = _collect(b, _run_loop(b, bodies, ctx, E, T, "exact"), T)
     b.op("ScatterND", [tok32, rcol, tok64], outputs=["tokens_x"])
-    b.op("Cast", [b.op("ScatterND", [lp32, rcol, lp64])], outputs=["logprob_x"], to=FLOAT)
+    b.op("ScatterND", [lp32, rcol, b.op("Cast", [lp64], to=FLOAT)], outputs=["logprob_x"])
     vi = helper.make_tensor_value_info
     return helper.make_graph(b.nodes, "exact_stage", [], [vi("tokens_x", INT64, None), vi("logprob_x", FLOAT, None)], b.inits)
 
@@ -204,12 +203,13 @@ def build_sampler_model(folded, block_size, metadata, fast_folded=None, small_ro
     # top_p >= 1 means 2, so no token is ever outside the nucleus.
     b.op("Unsqueeze", [b.op("Where", ["use_p", "top_p", b.const(np.array(2.0, np.float32))]), ax1], outputs=["topp32_n1"])
     shift = logit_shift(fast_folded)
-    plain = ("unit_temperature", sampling_body(fast_folded, V, exact=False),
-             sampling_body(fast_folded, V, exact=False, unit_temperature=True, shift=shift))
+    general = sampling_body(fast_folded, V, exact=False)
+    t1 = sampling_body(fast_folded, V, exact=False, unit_temperature=True, shift=shift)
     if small_rows > 0:  # a few rows: the small loops (see SmallLoop)
         small = b.op("And", [b.op("Greater", [N, zero]), b.op("LessOrEqual", [N, b.const(np.array(small_rows, np.int64))])])
-        plain = (plain[0], (small, plain[1], SmallLoop(fast_folded, V, unit_temperature=False)),
-                 (small, plain[2], SmallLoop(fast_folded, V, shift=shift)))
+        general = (small, general, SmallLoop(fast_folded, V, unit_temperature=False))
+        t1 = (small, t1, SmallLoop(fast_folded, V, shift=shift))
+    plain = ("unit_temperature", general, t1)
     filters = (_any(b, "use_p"), sampling_body(fast_folded, V, exact=False, filtered=True, top_p=False),
                sampling_body(fast_folded, V, exact=False, filtered=True))
     fast = _run_loop(b, (_any(b, "filtered"), plain, filters), "context", N, T, "fast")

@@ -113,6 +113,13 @@ def _thin(b, margin):
     return b.op("Cast", [b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])], to=FLOAT)
 
 
+def _next_context(b, ctx, tok_col, outputs=1):
+    """(M, block_size) context -> the next step's: drop the oldest token, append tok_col (M, 1)."""
+    ax1 = b.const([1], dtype=np.int64)
+    kept = b.op("Slice", [ctx, ax1, b.const([np.iinfo(np.int64).max], dtype=np.int64), ax1])
+    return b.op("Concat", [kept, tok_col], outputs=outputs, axis=1)
+
+
 def sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shift=None, top_p=True, tag=None):
     """Loop body: one sampling step for the M still-active rows (trainer/sampling.py, step by step).
 
@@ -175,8 +182,7 @@ def sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shif
     # A row goes on until it emits the end token (forced at its max_tokens); compact the rest away.
     keep = b.op("Squeeze", [b.op("Greater", [tok, b.const(np.array(0, np.int64))]), ax0])  # (M,)
     tok_col = b.op("Transpose", [tok], perm=[1, 0])  # (M, 1)
-    nxt = b.op("Concat", [b.op("Slice", [ctx, ax1, b.const([np.iinfo(np.int64).max], dtype=np.int64), ax1]), tok_col], axis=1)
-    b.op("Compress", [nxt, keep], outputs=["ctx_out"], axis=0)
+    b.op("Compress", [_next_context(b, ctx, tok_col), keep], outputs=["ctx_out"], axis=0)
     rows_out = b.op("Compress", [rows, keep], outputs=["rows_out"], axis=0)
     b.op("Greater", [b.op("Size", [rows_out]), b.const(np.array(0, np.int64))], outputs=["cond_out"])
     vi = helper.make_tensor_value_info
@@ -197,7 +203,7 @@ class SmallLoop:
     sampling_body) are computed once over all the steps after the loop. The result is _run_loop's
     (steps, N, 3) [token, logprob, thin].
     unit_temperature with a `shift` (logit_shift): s = logits - shift, as in sampling_body; otherwise
-    s = logits - max, divided by each row's temperature."""
+    s = logits - max, and the weights are exp(s / each row's temperature)."""
 
     def __init__(self, folded, V, shift=None, unit_temperature=True):
         self.V, self.unit = V, unit_temperature
@@ -205,17 +211,17 @@ class SmallLoop:
         tag = "small_t1" if unit_temperature else "small"
         self.u, self.temp = f"uniforms32_tn1_{tag}", f"temp32_n1_{tag}"  # (T, N, 1), (N, 1) from build()
         b = Builder(f"s32_{tag}_")
-        ax1 = b.const([1], dtype=np.int64)
         lt = add_forward(b, weight_inits(b, folded, head_shift=shift if static else 0.0), "ctx_in")  # (N, V)
-        s = lt if static else b.op("Sub", [lt, b.op("ReduceMax", [lt, ax1], keepdims=1)])  # (N, V) logits - shift / max
+        if not static:  # (N, V) logits - max; else logits - shift, from the head's bias
+            lt = b.op("Sub", [lt, b.op("ReduceMax", [lt, b.const([1], dtype=np.int64)], keepdims=1)])
+        s = lt
         wt = b.op("Exp", [s if unit_temperature else b.op("Div", [s, self.temp])])
         cdf, total = _cdf(b, wt, V, 1)  # (N, V), (N, 1)
         tok_f, tok = _pick(b, cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total]), 1, FLOAT)  # (N, 1)
         # alive: 1 until the row's end token (tok_f = 0), then 0; the loop stops when no row is alive.
         b.op("Min", ["alive_in", tok_f], outputs=["alive_out"])
         b.op("Cast", [b.op("ReduceMax", ["alive_out"], keepdims=0)], outputs=["cond_out"], to=BOOL)
-        b.op("Concat", [b.op("Slice", ["ctx_in", ax1, b.const([np.iinfo(np.int64).max], dtype=np.int64), ax1]), tok],
-             outputs=["ctx_out"], axis=1)
+        _next_context(b, "ctx_in", tok, outputs=["ctx_out"])
         vi = helper.make_tensor_value_info
         self.body = helper.make_graph(
             b.nodes, f"sample_step_{tag}",

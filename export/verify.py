@@ -60,13 +60,11 @@ def names_parity(model, vocab, words, engine, names_per_setting, seeds=(0, 1, 2,
         n, n_same, lp = compare(model, vocab, words, engine, p)
         rows.append({**s, "seed": p.seed, "names": n, "identical": n_same, "max_logprob_diff": lp})
         total, same, worst_lp = total + n, same + n_same, max(worst_lp, lp)
-    small = {"requests": small_requests, "names": 0, "identical": 0, "max_logprob_diff": 0.0}
-    for i in range(small_requests):
-        p = GenerateParams(num_samples=1 if i % 2 == 0 else 2 + i % 15, seed=10**6 + i, prefix=GRID["prefix"][i % 3],
-                           temperature=GRID["temperature"][i // 3 % 3])
-        n, n_same, lp = compare(model, vocab, words, engine, p)
-        small.update(names=small["names"] + n, identical=small["identical"] + n_same,
-                     max_logprob_diff=max(small["max_logprob_diff"], lp))
+    small = [compare(model, vocab, words, engine, GenerateParams(
+        num_samples=1 if i % 2 == 0 else 2 + i % 15, seed=10**6 + i, prefix=GRID["prefix"][i % 3],
+        temperature=GRID["temperature"][i // 3 % 3])) for i in range(small_requests)]
+    n, n_same, lp = zip(*small)
+    small = {"requests": small_requests, "names": sum(n), "identical": sum(n_same), "max_logprob_diff": max(lp)}
     return {"names": total, "identical": same, "share": same / total, "max_logprob_diff": worst_lp, "settings": rows,
             "small_requests": small}
 

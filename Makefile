@@ -22,9 +22,11 @@ help:
 	@echo "make train export   train the model (PRESET=baseline|better) and compile it to ONNX"
 	@echo "make serve          serve it over gRPC on $(HOST):$(PORT) (builds what is missing first)"
 	@echo "make verify | bench parity report torch vs ONNX Runtime | sampling throughput benchmark"
-	@echo "make load           load-test a running server (LOAD_ARGS='--concurrency 1,8,64 --duration 10')"
+	@echo "make load           load-test a running server (LOAD_ARGS='$(LOAD_ARGS)')"
 	@echo "make lr-sweep       learning-rate search plot"
+	@echo "make data | proto   fetch and checksum names.txt | generate the gRPC stubs"
 	@echo "make test           the test suite (what CI runs); make test-all includes slow tests"
+	@echo "make clean          remove artifacts/ and the stubs (distclean: also .venv)"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

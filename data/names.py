@@ -103,6 +103,7 @@ if __name__ == "__main__":
     import sys
 
     try:
-        print(default_names_path())
+        path = default_names_path()
+        print(f"{path}: sha256 verified ({NAMES_SHA256[:12]}...)")
     except DataError as e:
         sys.exit(f"error: {e}")

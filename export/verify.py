@@ -20,7 +20,7 @@ import torch
 
 from export.fold import float64_reference, fold_for_export, folded_logit_error
 from export.reference import reference_generate
-from service.engine import Engine, ModelFileError, ProviderError
+from service.engine import PROVIDER_ADVICE, Engine, ModelFileError, ProviderError
 from service.params import GenerateParams
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.dataset import build_examples, split_words
@@ -88,7 +88,7 @@ def main(argv=None):
         try:
             engine = Engine(d, provider=provider, threads=0)
         except ProviderError as e:
-            print(f"[{provider}] skipped: {e}")
+            print(f"[{provider}] skipped: {str(e).removesuffix(PROVIDER_ADVICE)}")
             report[provider] = {"skipped": str(e)}
             continue
         except ModelFileError as e:

@@ -5,7 +5,7 @@
     python -m service.client score emma olivia
     python -m service.client info
 
-RPC errors print `error: CODE: message` on stderr and exit 1 (no traceback).
+RPC errors and unusable options print `error: ...` on stderr and exit 1 (no traceback).
 """
 import argparse
 import json
@@ -14,6 +14,7 @@ import time
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from service import gen_proto
 
@@ -23,22 +24,37 @@ from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
 
 # Generate answers up to --max-samples names in one message; gRPC clients accept only 4 MiB by default.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 16 << 20)]
+UNARY_TIMEOUT = 30.0  # seconds; a stream has no deadline unless --timeout says so (a big one takes minutes)
+
+
+class UsageError(Exception):
+    """An option the request can't carry, or an output file that can't be written."""
 
 
 def request_of(args):
-    """GenerateRequest with only the options given on the command line set (the rest: server defaults)."""
-    req = pb.GenerateRequest(num_samples=args.num_samples)
-    for field in ("temperature", "top_k", "top_p", "seed", "prefix", "max_length", "chunk_size"):
+    """GenerateRequest with only the options given on the command line set (the rest: server defaults).
+    The server validates the values; here only what the message's field types can't hold is refused."""
+    req = pb.GenerateRequest()
+    for field in ("num_samples", "temperature", "top_k", "top_p", "seed", "prefix", "max_length", "chunk_size"):
         value = getattr(args, field, None)
         if value is not None:
-            setattr(req, field, value)
+            try:
+                setattr(req, field, value)
+            except ValueError:  # protobuf: the value doesn't fit the field's integer type
+                unsigned = req.DESCRIPTOR.fields_by_name[field].type == FieldDescriptor.TYPE_UINT64
+                limits = "0..2^64-1" if unsigned else "a 32-bit integer"
+                raise UsageError(f"--{field.replace('_', '-')} {value}: out of range ({limits})") from None
     if args.only_new:
         req.only_new = True
     return req
 
 
+def _timeout(args):
+    return UNARY_TIMEOUT if args.timeout is None else args.timeout
+
+
 def cmd_generate(stub, args):
-    resp = stub.Generate(request_of(args), timeout=args.timeout)
+    resp = stub.Generate(request_of(args), timeout=_timeout(args))
     width = max((len(s.name) for s in resp.samples), default=0)
     for s in resp.samples:
         print(f"{s.name:<{width}}  {s.logprob:9.4f}  {'[train]' if s.in_training_data else '[new]'}")
@@ -46,11 +62,15 @@ def cmd_generate(stub, args):
 
 
 def cmd_stream(stub, args):
-    out = open(args.out, "w") if args.out else sys.stdout
+    req = request_of(args)
+    try:
+        out = open(args.out, "w") if args.out else sys.stdout
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write ({e.strerror})") from None
     n, chunks, seed, t0 = 0, 0, None, time.perf_counter()
     progress = sys.stderr.isatty()  # a live progress line for people; logs get the summary only
     try:
-        for resp in stub.GenerateStream(request_of(args), timeout=args.timeout):
+        for resp in stub.GenerateStream(req, timeout=args.timeout):
             out.write("\n".join(s.name for s in resp.samples))
             out.write("\n")
             n += len(resp.samples)
@@ -69,7 +89,7 @@ def cmd_stream(stub, args):
 
 
 def cmd_score(stub, args):
-    resp = stub.Score(pb.ScoreRequest(names=args.names), timeout=args.timeout)
+    resp = stub.Score(pb.ScoreRequest(names=args.names), timeout=_timeout(args))
     width = max(len(s.name) for s in resp.scores)
     for s in resp.scores:
         per = " ".join(f"{c}:{lp:.2f}" for c, lp in zip(s.name + ".", s.char_logprobs))
@@ -77,20 +97,36 @@ def cmd_score(stub, args):
 
 
 def cmd_info(stub, args):
-    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=_timeout(args))
     d = json_format.MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    # As people read it: the JSON mapping writes 64-bit integers as strings ("12097"), and a Struct
+    # holds every number as a double (27.0).
+    for f in info.DESCRIPTOR.fields:
+        if f.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64) and f.name in d:
+            d[f.name] = int(d[f.name])
+    for key in ("config", "metrics"):
+        d[key] = _whole_numbers(d.get(key, {}))
     print(json.dumps(d, indent=2))
+
+
+def _whole_numbers(v):
+    if isinstance(v, dict):
+        return {k: _whole_numbers(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_whole_numbers(x) for x in v]
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v
 
 
 def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given after the subcommand overrides the one before it, an absent one doesn't.
     common.add_argument("--target", default=argparse.SUPPRESS, help="server address (default 127.0.0.1:50051)")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="RPC deadline in seconds (default 30)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                        help=f"RPC deadline in seconds (default {UNARY_TIMEOUT:g}; stream: none)")
 
     ap = argparse.ArgumentParser(prog="python -m service.client", description="namegen gRPC client.")
     ap.add_argument("--target", default="127.0.0.1:50051", help="server address")
-    ap.add_argument("--timeout", type=float, default=30.0, help="RPC deadline in seconds")
+    ap.add_argument("--timeout", type=float, default=None, help=f"RPC deadline in seconds (default {UNARY_TIMEOUT:g}; stream: none)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     sampling = argparse.ArgumentParser(add_help=False)
@@ -103,11 +139,11 @@ def parse_args(argv=None):
     sampling.add_argument("--only-new", action="store_true", help="only names that are not in the training data")
 
     g = sub.add_parser("generate", parents=[common, sampling], help="generate names in one response")
-    g.add_argument("-n", "--num-samples", type=int, default=10, help="how many names")
+    g.add_argument("-n", "--num-samples", type=int, default=10, help="how many names (default 10)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("stream", parents=[common, sampling], help="generate many names as a stream of chunks")
-    s.add_argument("-n", "--num-samples", type=int, default=1000, help="how many names")
+    s.add_argument("-n", "--num-samples", type=int, default=1000, help="how many names (default 1000)")
     s.add_argument("--chunk-size", type=int, help="names per message (server default 10000)")
     s.add_argument("--out", help="write names here, one per line (default: stdout)")
     s.set_defaults(func=cmd_stream)
@@ -127,7 +163,11 @@ def main(argv=None):
         with grpc.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
             args.func(pb_grpc.NameGeneratorStub(channel), args)
     except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        hint = " (raise --timeout)" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ""
+        print(f"error: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

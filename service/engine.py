@@ -30,6 +30,9 @@ class ProviderError(Exception):
     """The requested execution provider cannot be used here."""
 
 
+PROVIDER_ADVICE = "; use --provider cpu or auto"  # what a server's user can do about a ProviderError
+
+
 class GenerationError(Exception):
     """A valid request that can't be satisfied, e.g. only_new found too few new names in its draw budget."""
 
@@ -91,7 +94,7 @@ def make_session(path, provider="auto", intra_op_threads=1):
     # No NVIDIA driver at all: no CUDA probe (ORT would only print load errors); cuda is refused, auto is CPU.
     driver = provider != "cpu" and _nvidia_driver_present()
     if provider == "cuda" and not driver:
-        raise ProviderError("provider=cuda but this machine has no NVIDIA driver (libcuda.so.1); use --provider cpu or auto")
+        raise ProviderError("provider=cuda but this machine has no NVIDIA driver (libcuda.so.1)" + PROVIDER_ADVICE)
     if driver and "CUDAExecutionProvider" in ort.get_available_providers():
         if hasattr(ort, "preload_dlls"):
             try:  # CUDA/cuDNN from pip's nvidia-* wheels, when present
@@ -107,7 +110,7 @@ def make_session(path, provider="auto", intra_op_threads=1):
     if provider == "cuda" and active != "cuda":
         raise ProviderError(
             "provider=cuda but ONNX Runtime's CUDA execution provider did not load here "
-            f"(available: {ort.get_available_providers()}; no GPU, driver or CUDA libraries?); use --provider cpu or auto"
+            f"(available: {ort.get_available_providers()}; no GPU, driver or CUDA libraries?)" + PROVIDER_ADVICE
         )
     if provider == "auto":
         log.info("provider=auto: using %s", active)

@@ -3,6 +3,7 @@
 No timing assertions: deadlines and overload are provoked with margins of orders of magnitude.
 """
 import importlib.util
+import json
 import math
 import shutil
 import subprocess
@@ -376,6 +377,20 @@ def test_client_cli(server):
     assert r.returncode == 0 and "seed: 5" in r.stdout and len(r.stdout.splitlines()) == 4, r.stderr
     r = run_cli("service.client", "generate", "--target", server.target, "--temperature", "0")
     assert r.returncode == 1 and r.stderr.startswith("error: INVALID_ARGUMENT: temperature") and "Traceback" not in r.stderr
+    r = run_cli("service.client", "--target", server.target, "info")
+    info = json.loads(r.stdout)  # integers read as integers, not "12097" or 3.0
+    assert r.returncode == 0 and isinstance(info["num_params"], int) and isinstance(info["config"]["block_size"], int)
+    assert info["num_params"] > 0 and isinstance(info["metrics"]["val_loss"], float)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "--seed", "-5"), "error: --seed -5: out of range"),  # the message's field is uint64
+    (("generate", "-n", str(1 << 40)), "error: --num-samples"),
+    (("stream", "-n", "3", "--out", "/nonexistent-dir/names.txt"), "error: --out /nonexistent-dir/names.txt: cannot write"),
+])
+def test_client_cli_bad_options(server, args, message):
+    r = run_cli("service.client", "--target", server.target, *args)
+    assert r.returncode == 1 and r.stderr.startswith(message) and "Traceback" not in r.stderr, r.stderr
 
 
 def test_loadtest_cli(server, tmp_path):
@@ -383,7 +398,6 @@ def test_loadtest_cli(server, tmp_path):
     r = run_cli("service.loadtest", "--target", server.target, "--concurrency", "1,4", "--warmup", "0.1",
                 "--duration", "0.5", "--requests", "50", "--json", out)
     assert r.returncode == 0, r.stdout + r.stderr
-    import json
 
     steps = json.loads(out.read_text())["steps"]
     assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)

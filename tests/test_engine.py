@@ -117,7 +117,9 @@ def test_invalid_arguments_name_the_field(cpu_engine, kwargs, field):
 
 
 def test_invalid_score_names(cpu_engine):
-    for bad in ([], [""], ["Emma"], ["em.ma"]):
+    from service.engine import MAX_SCORE_CHARS
+
+    for bad in ([], [""], ["Emma"], ["em.ma"], ["ab"] * (MAX_SCORE_CHARS // 2 + 1)):
         with pytest.raises(InvalidArgument, match="names"):
             cpu_engine.score(bad)
 

@@ -209,7 +209,7 @@ def test_stream_invalid_chunk_size(stub, kw):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_size" in e.value.details()
 
 
-@pytest.mark.parametrize("names", [[], ["emma", ""], ["Emma"], ["a b"], ["x"] * 200_001])
+@pytest.mark.parametrize("names", [[], ["emma", ""], ["Emma"], ["a b"], ["x"] * 200_001, ["x" * 1_000_001]])
 def test_score_invalid_argument(stub, channel, names):
     with pytest.raises(grpc.RpcError) as e:
         stub.Score(pb.ScoreRequest(names=names), timeout=30)

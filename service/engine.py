@@ -318,15 +318,16 @@ class Engine:
         """-> [(total logprob, per-character logprobs incl. the end token)] for each name."""
         if not names:
             raise InvalidArgument("names", "give at least one name")
-        for w in names:
-            bad = sorted(set(w) - set(self.itos[1:]))
-            if not w or bad:
-                why = "is empty" if not w else f"has characters {''.join(bad)!r} outside the vocabulary {self.itos[1:]!r}"
-                raise InvalidArgument("names", f"{w!r} {why}")
         total = sum(map(len, names))
         if total > MAX_SCORE_CHARS:
             raise InvalidArgument("names", f"at most {MAX_SCORE_CHARS:,} characters in all per call, got {total:,}; "
                                            "split them over several calls")
+        vocab = set(self.itos[1:])
+        for w in names:
+            bad = sorted(set(w) - vocab)
+            if not w or bad:
+                why = "is empty" if not w else f"has characters {''.join(bad)!r} outside the vocabulary {self.itos[1:]!r}"
+                raise InvalidArgument("names", f"{w!r} {why}")
         return [(float(lp.sum()), lp.tolist()) for lp in self._char_logprobs(names)]
 
     def warmup(self):

@@ -398,7 +398,6 @@ def test_loadtest_cli(server, tmp_path):
     r = run_cli("service.loadtest", "--target", server.target, "--concurrency", "1,4", "--warmup", "0.1",
                 "--duration", "0.5", "--requests", "50", "--json", out)
     assert r.returncode == 0, r.stdout + r.stderr
-
     steps = json.loads(out.read_text())["steps"]
     assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)
 

@@ -21,6 +21,7 @@ Policies, and why:
 """
 import asyncio
 import collections
+import contextlib
 import sys
 import time
 import traceback
@@ -93,6 +94,18 @@ class Batcher:
     async def call(self, fn, *args):
         """Run fn(*args) on the engine's thread (serialised with the model runs): Score, warm-up."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @contextlib.contextmanager
+    def slot(self):
+        """A place in the queue for work that isn't a Generate job (a Score call): it counts towards
+        max_queue like one, and a full queue turns it away."""
+        if self.pending >= self.max_queue:
+            raise QueueFull(f"server queue is full ({self.max_queue} requests pending); retry later")
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
     async def submit(self, request, rows, timeout=None, admitted=False):
         """The next `rows` names of `request` (fewer only if the request is done first; a few more

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.params import GenerateParams, InvalidArgument, uniform_stream
+from service.params import GenerateParams, InvalidArgument, clip, uniform_stream
 
 log = logging.getLogger("namegen.engine")
 ort.set_default_logger_severity(3)  # errors only: a failed CUDA probe under provider=auto is expected, not noise
@@ -33,6 +33,7 @@ class ProviderError(Exception):
 # A Score call's characters in all: ~1 s of model time on 2 cores. Without a bound, one 16 MiB request
 # would hold the engine thread for seconds and the reply could outgrow the message limit.
 MAX_SCORE_CHARS = 1_000_000
+ONLY_NEW_PROBE = 10_000  # draws after which an only_new request finding under 0.5% new names gives up
 PROVIDER_ADVICE = "; use --provider cpu or auto"  # what a server's user can do about a ProviderError
 
 
@@ -156,9 +157,11 @@ class Request:
         return self.remaining == 0 or self.error is not None
 
     def rows_wanted(self, cap):
-        """Rows to draw next: what is still owed (a little more under only_new, since some names are known)."""
+        """Rows to draw next: what is still owed (a little more under only_new, since some names are known).
+        Under only_new a run also ends at ONLY_NEW_PROBE draws, where a hopeless request is given up."""
         n = self.remaining if not self.params.only_new else math.ceil(self.remaining * 1.5) + 8
-        return max(1, min(n, cap, self.max_draws - self.drawn))
+        limit = self.max_draws if self.drawn >= ONLY_NEW_PROBE else min(self.max_draws, ONLY_NEW_PROBE)
+        return max(1, min(n, cap, limit - self.drawn))
 
 
 class Engine:
@@ -201,7 +204,7 @@ class Engine:
         params = params.validate(self.itos, max_samples)
         ids = [0] * self.block_size + [self.stoi[c] for c in params.prefix]
         prefix_lp = self._char_logprobs([params.prefix], end=False)[0].sum() if params.prefix else 0.0
-        max_draws = max(10_000, 100 * params.num_samples) if params.only_new else params.num_samples
+        max_draws = max(ONLY_NEW_PROBE, 100 * params.num_samples) if params.only_new else params.num_samples
         return Request(params, ids[len(ids) - self.block_size :], float(prefix_lp), max_draws)
 
     def run(self, parts):
@@ -268,10 +271,14 @@ class Engine:
             samples = [s for s in samples if not s.in_training_data]
         samples = samples[: req.remaining]
         req.remaining -= len(samples)
-        if req.remaining and req.drawn >= req.max_draws:
+        found = req.params.num_samples - req.remaining
+        # The budget is 100 draws per name: a request finding under 0.5% new names in its first
+        # ONLY_NEW_PROBE draws can't meet it, so it stops there rather than after up to 1e9 draws.
+        hopeless = req.drawn == ONLY_NEW_PROBE and found * 200 < req.drawn
+        if req.remaining and (req.drawn >= req.max_draws or hopeless):
             req.error = GenerationError(
-                f"only_new: found {req.params.num_samples - req.remaining} of {req.params.num_samples} new names "
-                f"in {req.drawn} draws; raise temperature or top_k, or ask for fewer"
+                f"only_new: found {found} of {req.params.num_samples} new names in {req.drawn} draws; "
+                "raise temperature or top_k, or ask for fewer"
             )
         return samples
 
@@ -314,20 +321,24 @@ class Engine:
             lp[i : i + self.max_rows] = logits[np.arange(len(logits)), tgt[i : i + self.max_rows]] - logz
         return np.split(lp, np.cumsum(lens)[:-1])
 
-    def score(self, names):
-        """-> [(total logprob, per-character logprobs incl. the end token)] for each name."""
+    def check_score_size(self, names):
+        """The cheap checks of a Score call (done before it queues): some names, not too many characters."""
         if not names:
             raise InvalidArgument("names", "give at least one name")
         total = sum(map(len, names))
         if total > MAX_SCORE_CHARS:
             raise InvalidArgument("names", f"at most {MAX_SCORE_CHARS:,} characters in all per call, got {total:,}; "
                                            "split them over several calls")
+
+    def score(self, names):
+        """-> [(total logprob, per-character logprobs incl. the end token)] for each name."""
+        self.check_score_size(names)
         vocab = set(self.itos[1:])
-        for w in names:
+        for w in names:  # "" is a name too: the model can end one at once, and Generate can return it
             bad = sorted(set(w) - vocab)
-            if not w or bad:
-                why = "is empty" if not w else f"has characters {''.join(bad)!r} outside the vocabulary {self.itos[1:]!r}"
-                raise InvalidArgument("names", f"{w!r} {why}")
+            if bad:
+                raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(''.join(bad))!r} outside the "
+                                               f"vocabulary {self.itos[1:]!r}")
         return [(float(lp.sum()), lp.tolist()) for lp in self._char_logprobs(names)]
 
     def warmup(self):

@@ -9,6 +9,8 @@ import numpy as np
 MAX_LENGTH_LIMIT = 64  # longest name (prefix included) a request may ask for
 DEFAULT_MAX_LENGTH = 32  # names.txt's longest name has 15 characters
 SEED_LIMIT = 2**64
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32, ~1.2e-38
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # ~3.4e38
 
 
 class InvalidArgument(ValueError):
@@ -34,19 +36,22 @@ class GenerateParams:
         """Checked copy with the seed resolved. itos: the vocabulary, index 0 = end token."""
         V = len(itos)
         _int("num_samples", self.num_samples, 1, max_samples)
+        # The sampler runs in float32: a value that float32 rounds to 0 or inf (1e-46, 1e39) would be a
+        # different request (top_p 0 even breaks the graph), so both are checked as float32 holds them.
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise InvalidArgument("temperature", f"must be a finite number > 0, got {t!r}")
+        if not _float32_ok(t, FLOAT32_MAX):
+            raise InvalidArgument("temperature", f"must be a finite number > 0 (as float32, which the sampler runs in: "
+                                                 f"{FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}), got {t!r}")
         _int("top_k", self.top_k, 0, V, "(0 disables top-k)")
         p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            raise InvalidArgument("top_p", f"must be in (0, 1], got {p!r}")
+        if not _float32_ok(p, 1.0):
+            raise InvalidArgument("top_p", f"must be in (0, 1] (at least {FLOAT32_TINY:.3g}), got {p!r}")
         _int("max_length", self.max_length, 1, MAX_LENGTH_LIMIT)
         if not isinstance(self.prefix, str):
             raise InvalidArgument("prefix", f"must be a string, got {type(self.prefix).__name__}")
         bad = sorted(set(self.prefix) - set(itos[1:]))
         if bad:
-            raise InvalidArgument("prefix", f"characters {''.join(bad)!r} are not in the vocabulary {itos[1:]!r}")
+            raise InvalidArgument("prefix", f"characters {clip(''.join(bad))!r} are not in the vocabulary {itos[1:]!r}")
         if len(self.prefix) > self.max_length:
             raise InvalidArgument("prefix", f"has {len(self.prefix)} characters, more than max_length={self.max_length}")
         seed = self.seed
@@ -62,6 +67,18 @@ class GenerateParams:
         """Characters that fit after the prefix. The sampler forces the end token after them, so a name
         that reaches max_length is cut there (and its logprob is the score of the name as returned)."""
         return self.max_length - len(self.prefix)
+
+
+def clip(text, n=40):
+    """User input echoed in an error message, cut short: a long one would outgrow gRPC's 16 KiB status
+    metadata (and come back as RESOURCE_EXHAUSTED instead of the error)."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
+def _float32_ok(x, hi):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x > hi:
+        return False
+    return float(np.float32(x)) >= FLOAT32_TINY  # what the sampler gets: not 0 or a denormal
 
 
 def _int(field, value, lo, hi, note=""):

@@ -51,6 +51,9 @@ def parse_args(argv=None):
                     help="most requests pending (queued or being served); more get RESOURCE_EXHAUSTED")
     ap.add_argument("--max-samples", type=int, default=100_000, help="most names per Generate (and per Score)")
     ap.add_argument("--max-stream-samples", type=int, default=10_000_000, help="most names per GenerateStream")
+    ap.add_argument("--max-streams", type=int, default=16,
+                    help="most GenerateStreams at once (more: RESOURCE_EXHAUSTED); each holds up to two chunks, "
+                         "~25 MB at the largest chunk_size, for as long as its client is slow to read")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host; 0 = off")
     ap.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight RPCs finish on SIGTERM")
     ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
@@ -59,7 +62,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.no_batching:
         args.max_batch_rows = 0
-    minimum = {"max_queue": 1, "max_samples": 1, "max_stream_samples": 1,
+    minimum = {"max_queue": 1, "max_samples": 1, "max_stream_samples": 1, "max_streams": 1,
                "threads": 0, "max_batch_rows": 0, "inline_rows": 0}
     for name, lo in minimum.items():
         if getattr(args, name) < lo:
@@ -84,7 +87,7 @@ async def serve(args, engine):
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     batcher = Batcher(engine, args.max_batch_rows, args.max_wait_ms, args.max_queue, metrics, args.inline_rows)
-    servicer = NameGeneratorServicer(engine, batcher, metrics, args.max_samples, args.max_stream_samples)
+    servicer = NameGeneratorServicer(engine, batcher, metrics, args.max_samples, args.max_stream_samples, args.max_streams)
     server = grpc.aio.server(
         options=[
             # A Generate of max_samples names of up to 64 characters, with room to spare; a stream

@@ -30,7 +30,8 @@ from service.namegen_pb import namegen_pb2 as pb  # noqa: E402
 from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
 
 DEFAULT_CHUNK = 10_000  # GenerateStream names per message unless the request says otherwise
-MAX_CHUNK = 100_000
+MAX_CHUNK = 50_000  # a chunk of 64-character names then stays under the 4 MiB a default gRPC client accepts
+SCORE_CHUNK_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
 UNARY_CHUNK = 4096  # a larger Generate is drawn in chunks of this many, pipelined with building the reply
 PARAM_FIELDS = frozenset(GenerateParams.__dataclass_fields__)
 
@@ -65,6 +66,19 @@ def response_of(samples, seed):
     return resp
 
 
+def _groups(names, limit):
+    """Consecutive runs of names with about `limit` characters (end tokens included) each."""
+    group, size = [], 0
+    for w in names:
+        if group and size + len(w) + 1 > limit:
+            yield group
+            group, size = [], 0
+        group.append(w)
+        size += len(w) + 1
+    if group:
+        yield group
+
+
 def _struct(d):
     s = struct_pb2.Struct()
     s.update(json.loads(json.dumps(d or {}, default=str)))  # Struct wants plain JSON values
@@ -72,12 +86,15 @@ def _struct(d):
 
 
 class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
-    def __init__(self, engine, batcher, metrics=None, max_samples=100_000, max_stream_samples=10_000_000):
+    def __init__(self, engine, batcher, metrics=None, max_samples=100_000, max_stream_samples=10_000_000,
+                 max_streams=16):
         self.engine = engine
         self.batcher = batcher
         self.metrics = metrics
         self.max_samples = max_samples
         self.max_stream_samples = max_stream_samples
+        self.max_streams = max_streams
+        self.streams = 0  # GenerateStreams being served
         info = engine.info
         self._info = pb.ModelInfo(
             vocab=info.vocab,
@@ -124,7 +141,7 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             await context.abort(status, msg)
 
     async def GenerateStream(self, request, context):
-        t0, code, sent = time.perf_counter(), "OK", 0
+        t0, code, sent, counted = time.perf_counter(), "OK", 0, False
         try:
             params, chunk = params_of(request)
             chunk = DEFAULT_CHUNK if chunk is None else chunk
@@ -132,6 +149,11 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
                 raise InvalidArgument("chunk_size", f"must be in [1, {MAX_CHUNK}], got {chunk}")
             req = self.engine.request(params, self.max_stream_samples)
             seed = req.params.seed
+            # A stream whose client reads slowly (or never) holds its chunks: the count bounds that memory.
+            if self.streams >= self.max_streams:
+                raise QueueFull(f"{self.max_streams} streams are being served already; retry later")
+            self.streams += 1
+            counted = True
             async for out in self._chunks(req, chunk, context):
                 sent += len(out)
                 yield response_of(out, seed)
@@ -143,6 +165,7 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             code = status.name
             await context.abort(status, msg)
         finally:
+            self.streams -= counted
             self._done("GenerateStream", code, t0, sent)
 
     async def _chunks(self, req, chunk, context):
@@ -181,11 +204,13 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
         t0 = time.perf_counter()
         try:
             names = list(request.names)
-            if not names:
-                raise InvalidArgument("names", "must contain at least one name")
             if len(names) > self.max_samples:
                 raise InvalidArgument("names", f"at most {self.max_samples} names per request, got {len(names)}")
-            scores = await self.batcher.call(self.engine.score, names)
+            self.engine.check_score_size(names)
+            scores = []
+            with self.batcher.slot():  # in small engine calls, so that model runs for Generate go in between
+                for group in _groups(names, SCORE_CHUNK_CHARS):
+                    scores += await self.batcher.call(self.engine.score, group)
             resp = pb.ScoreResponse()
             add = resp.scores.add
             for name, (total, per) in zip(names, scores):

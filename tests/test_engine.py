@@ -86,6 +86,15 @@ def test_only_new_gives_up_clearly(cpu_engine):
             cpu_engine.generate(P(num_samples=2, top_k=1, seed=0, only_new=True))
 
 
+def test_only_new_hopeless_request_stops_early(cpu_engine):
+    from service.engine import ONLY_NEW_PROBE
+
+    # "emma" cut at 4 characters is a training name, and no other name can come out: 0% new. The budget
+    # would allow 100 draws per name (500,000 here); the request stops at the probe instead.
+    with pytest.raises(GenerationError, match=f"found 0 of 5000 new names in {ONLY_NEW_PROBE} draws"):
+        cpu_engine.generate(P(num_samples=5000, seed=0, prefix="emma", max_length=4, only_new=True))
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -101,6 +110,9 @@ def test_only_new_gives_up_clearly(cpu_engine):
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p=math.nan), "top_p"),
+        (dict(top_p=1e-46), "top_p"),  # > 0, but 0 in float32, where the sampler runs
+        (dict(temperature=1e-46), "temperature"),
+        (dict(temperature=1e39), "temperature"),  # inf in float32
         (dict(prefix="Ab"), "prefix"),
         (dict(prefix="a.b"), "prefix"),
         (dict(prefix="abcdef", max_length=5), "prefix"),
@@ -119,7 +131,7 @@ def test_invalid_arguments_name_the_field(cpu_engine, kwargs, field):
 def test_invalid_score_names(cpu_engine):
     from service.engine import MAX_SCORE_CHARS
 
-    for bad in ([], [""], ["Emma"], ["em.ma"], ["ab"] * (MAX_SCORE_CHARS // 2 + 1)):
+    for bad in ([], ["Emma"], ["em.ma"], ["ab"] * (MAX_SCORE_CHARS // 2 + 1)):
         with pytest.raises(InvalidArgument, match="names"):
             cpu_engine.score(bad)
 

@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -87,7 +88,7 @@ def test_score(stub, checkpoint):
     from trainer.sampling import score_names
 
     model, vocab, _ = checkpoint
-    names = ["emma", "xq", "a", "olivia"]
+    names = ["emma", "xq", "a", "olivia", ""]  # "": the model ends the name at once (Generate can return it)
     r = stub.Score(pb.ScoreRequest(names=names), timeout=10)
     ref = score_names(model, names, vocab, model.cfg.block_size)
     assert [s.name for s in r.scores] == names
@@ -175,6 +176,9 @@ BAD_GENERATE = [
     ("top_k", dict(top_k=1000)),
     ("top_p", dict(top_p=0.0)),
     ("top_p", dict(top_p=1.5)),
+    ("top_p", dict(top_p=1e-46)),  # > 0 as a double, 0 in float32, which the sampler runs in
+    ("temperature", dict(temperature=1e-46)),
+    ("temperature", dict(temperature=1e39)),  # inf in float32
     ("num_samples", dict(num_samples=0)),
     ("num_samples", dict(num_samples=-5)),
     ("num_samples", dict(num_samples=2_000_001)),  # over both --max-samples and --max-stream-samples
@@ -183,6 +187,7 @@ BAD_GENERATE = [
     ("prefix", dict(prefix="Zz")),
     ("prefix", dict(prefix="a.b")),
     ("prefix", dict(prefix="abcdef", max_length=3)),
+    ("prefix", dict(prefix="\u00e9" * 20_000)),  # echoed in full, the message would outgrow gRPC's status metadata
 ]
 
 
@@ -202,14 +207,15 @@ def test_generate_over_max_samples(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_samples" in e.value.details()
 
 
-@pytest.mark.parametrize("kw", [dict(chunk_size=0), dict(chunk_size=100_001)])
+@pytest.mark.parametrize("kw", [dict(chunk_size=0), dict(chunk_size=50_001)])
 def test_stream_invalid_chunk_size(stub, kw):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.GenerateStream(pb.GenerateRequest(num_samples=5, **kw), timeout=10))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_size" in e.value.details()
 
 
-@pytest.mark.parametrize("names", [[], ["emma", ""], ["Emma"], ["a b"], ["x"] * 200_001, ["x" * 1_000_001]])
+@pytest.mark.parametrize("names", [[], ["emma", "Emma"], ["a b"], ["x"] * 200_001, ["x" * 1_000_001],
+                                   ["a" * 20_000 + "!"], ["".join(map(chr, range(0x100, 0x2100)))]])
 def test_score_invalid_argument(stub, channel, names):
     with pytest.raises(grpc.RpcError) as e:
         stub.Score(pb.ScoreRequest(names=names), timeout=30)
@@ -234,7 +240,7 @@ def test_deadline_exceeded(stub, channel):
 
 
 def test_overload_gives_resource_exhausted(model_dir):
-    s = start_server(model_dir, "--max-queue", 2, "--max-batch-rows", 64)
+    s = start_server(model_dir, "--max-queue", 2, "--max-batch-rows", 64, "--max-streams", 1)
     try:
         with grpc.insecure_channel(s.target) as ch:
             st = pb_grpc.NameGeneratorStub(ch)
@@ -251,6 +257,25 @@ def test_overload_gives_resource_exhausted(model_dir):
                         assert "queue" in e.details()
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
             assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert_healthy(ch, st)
+
+            # --max-streams 1: a stream being served (its client reads nothing more) turns a second away.
+            big = pb.GenerateRequest(num_samples=1_000_000, chunk_size=1000, seed=1)
+            first = st.GenerateStream(big, timeout=120)
+            next(first)
+            with pytest.raises(grpc.RpcError) as e:
+                list(st.GenerateStream(pb.GenerateRequest(num_samples=5), timeout=30))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in e.value.details()
+            first.cancel()
+            for _ in range(100):  # the server sees the cancellation soon after; then streams are let in again
+                try:
+                    assert len(list(st.GenerateStream(pb.GenerateRequest(num_samples=5), timeout=30))[0].samples) == 5
+                    break
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    time.sleep(0.1)
+            else:
+                raise AssertionError("the cancelled stream still counts against --max-streams")
             assert_healthy(ch, st)
     finally:
         assert s.stop() == 0
@@ -474,3 +499,28 @@ def test_batcher_drops_cancelled_work(engine):
         await b.close()
 
     asyncio.run(main())
+
+
+def test_batcher_slot_counts_towards_the_queue(engine):
+    from service.batcher import Batcher, QueueFull
+
+    b = Batcher(engine, max_queue=1)
+    with b.slot():  # a Score call in progress fills a queue of one
+        assert b.pending == 1
+        with pytest.raises(QueueFull):
+            with b.slot():
+                pass
+    with b.slot():
+        pass
+    assert b.pending == 0
+
+
+def test_score_in_several_engine_calls(stub, engine):
+    from service.servicer import SCORE_CHUNK_CHARS
+
+    letters = "abcdefghij"
+    names = [(a + b + c + d) * 3 for a in letters for b in letters for c in letters for d in "aeiou"]  # 5,000 x 12
+    assert sum(len(w) + 1 for w in names) > 2 * SCORE_CHUNK_CHARS  # served in at least three engine calls
+    r = stub.Score(pb.ScoreRequest(names=names), timeout=60)
+    assert [s.name for s in r.scores] == names
+    assert [s.logprob for s in r.scores] == pytest.approx([t for t, _ in engine.score(names)], abs=1e-5)

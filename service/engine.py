@@ -150,7 +150,7 @@ class Request:
             "top_p": np.array([params.top_p], np.float32), "max_tokens": np.array([self.T - 1], np.int64),
         }
         self.prefix_logprob = prefix_logprob
-        self.error = None  # a GenerationError that ended this request (it concerns no other request)
+        self.error = None  # what ended this request (a GenerationError, or its own failed run); no other request
 
     @property
     def done(self):
@@ -227,13 +227,33 @@ class Engine:
                 uni[i : i + n, : req.T] = req.rng.random((n, req.T), dtype=np.float32)  # each request's next n rows
                 req.drawn += n
                 i += n
-        tokens, logprob, rechecked = self._sample(feed)
+        try:
+            tokens, logprob, rechecked = self._sample(feed)
+        except Exception:  # noqa: BLE001 - a lone request gets the error; a batch is split (below)
+            if len(parts) == 1:
+                raise
+            return self._run_apart(parts, feed)
         self.rows_sampled += len(tokens)
         self.rows_rechecked += np.count_nonzero(rechecked)  # rows with a thin step, checked in float64
         names = self.decode(tokens)
         out, i = [], 0
         for req, n in parts:
             out.append(self._accept(req, names[i : i + n], logprob[i : i + n]))
+            i += n
+        return out
+
+    def _run_apart(self, parts, feed):
+        """A batched run that failed, again one request at a time from the rows already drawn: an error
+        (a request that validation let through and the graph can't run) stays with the request that
+        caused it, as its request.error, and its batch-mates still get the names their seeds determine."""
+        out, i = [], 0
+        for req, n in parts:
+            try:
+                tokens, logprob, _ = self._sample({k: a[i : i + n] for k, a in feed.items()})
+                out.append(self._accept(req, self.decode(tokens), logprob))
+            except Exception as e:  # noqa: BLE001 - delivered to this request only
+                req.error = e
+                out.append([])
             i += n
         return out
 

@@ -27,6 +27,22 @@ def test_same_seed_same_names_whatever_the_batch(cpu_engine):
     assert names(first + second) == alone and r.done
 
 
+def test_a_failing_request_does_not_fail_its_batch(cpu_engine):
+    def unrunnable():  # top_p 0 in float32 breaks the graph (1e-46 got there before validation knew float32)
+        req = cpu_engine.request(P(num_samples=4, seed=5, top_p=0.5))
+        req.row["top_p"] = np.zeros(1, np.float32)
+        return req
+
+    with pytest.raises(Exception):  # alone, its run fails and it gets the error
+        cpu_engine.run([(unrunnable(), 4)])
+    good = [cpu_engine.request(P(num_samples=6, seed=s, temperature=0.8)) for s in (3, 4)]
+    bad = unrunnable()
+    out = cpu_engine.run([(good[0], 6), (bad, 4), (good[1], 6)])
+    assert bad.error is not None and out[1] == []
+    for s, got in zip((3, 4), (out[0], out[2])):  # the batch-mates get the names their seeds determine
+        assert names(got) == names(cpu_engine.generate(P(num_samples=6, seed=s, temperature=0.8)))
+
+
 def test_chunking_is_invisible(tiny_model_dir, cpu_engine):
     small = Engine(tiny_model_dir, provider="cpu", max_rows=7)
     p = P(num_samples=100, seed=5, prefix="a")

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from service.batcher import Batcher
 from service.engine import Engine, ModelFileError, ProviderError
 from service.metrics import Metrics, rss_report
-from service.servicer import NameGeneratorServicer, pb, pb_grpc
+from service.servicer import NameGeneratorServicer, add_to_server, pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NameGenerator"].full_name
 MiB = 1 << 20
@@ -97,7 +97,7 @@ async def serve(args, engine):
             ("grpc.so_reuseport", 0),  # a port in use must fail, not silently share
         ]
     )
-    pb_grpc.add_NameGeneratorServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health = HealthServicer()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -4,7 +4,8 @@ Thin on purpose: validation lives in service.params, numerics in service.engine,
 service.batcher. Every handler maps domain errors to gRPC status codes, so no exception reaches
 grpc (which would turn it into UNKNOWN) and none can stop the server:
 
-  InvalidArgument  -> INVALID_ARGUMENT   (the message starts with the field's name)
+  InvalidArgument  -> INVALID_ARGUMENT   (the message starts with the field's name; "request" for bytes
+                      that don't parse as the request message)
   QueueFull        -> RESOURCE_EXHAUSTED (back off and retry)
   DeadlineExceeded -> DEADLINE_EXCEEDED (it expired while queued; usually grpc has cancelled it first)
   GenerationError  -> FAILED_PRECONDITION (a valid request this model can't satisfy, e.g. only_new
@@ -19,6 +20,7 @@ import traceback
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from service import gen_proto
 from service.batcher import DeadlineExceeded, QueueFull
@@ -51,9 +53,49 @@ def status_of(exc):
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
+class Undecodable:
+    """Request bytes that aren't the message (a broken or mismatched client). Parsed by grpc, they would
+    fail before any handler runs, as UNKNOWN; this way the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, cls, error):
+        self.message = f"not a valid {cls.DESCRIPTOR.full_name} ({error})"
+
+
+def _lenient(cls):
+    def parse(data):
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Undecodable(cls, e)
+
+    return parse
+
+
+def add_to_server(servicer, server):
+    """pb_grpc.add_NameGeneratorServicer_to_server, with request parsing that hands bad bytes to the handler."""
+    methods = {
+        "Generate": (grpc.unary_unary_rpc_method_handler, pb.GenerateRequest, pb.GenerateResponse),
+        "GenerateStream": (grpc.unary_stream_rpc_method_handler, pb.GenerateRequest, pb.GenerateResponse),
+        "Score": (grpc.unary_unary_rpc_method_handler, pb.ScoreRequest, pb.ScoreResponse),
+        "GetModelInfo": (grpc.unary_unary_rpc_method_handler, pb.GetModelInfoRequest, pb.ModelInfo),
+    }
+    handlers = {name: make(getattr(servicer, name), request_deserializer=_lenient(req),
+                           response_serializer=resp.SerializeToString)
+                for name, (make, req, resp) in methods.items()}
+    service = pb.DESCRIPTOR.services_by_name["NameGenerator"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _parsed(request):
+    if isinstance(request, Undecodable):
+        raise InvalidArgument("request", request.message)
+    return request
+
+
 def params_of(request):
     """GenerateRequest -> (GenerateParams, chunk_size or None): unset fields keep their defaults."""
-    fields = {d.name: v for d, v in request.ListFields()}
+    fields = {d.name: v for d, v in _parsed(request).ListFields()}
     chunk = fields.pop("chunk_size", None)
     return GenerateParams(**{k: v for k, v in fields.items() if k in PARAM_FIELDS}), chunk
 
@@ -203,7 +245,7 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
     async def Score(self, request, context):
         t0 = time.perf_counter()
         try:
-            names = list(request.names)
+            names = list(_parsed(request).names)
             if len(names) > self.max_samples:
                 raise InvalidArgument("names", f"at most {self.max_samples} names per request, got {len(names)}")
             self.engine.check_score_size(names)

@@ -223,6 +223,18 @@ def test_score_invalid_argument(stub, channel, names):
     assert_healthy(channel, stub)
 
 
+@pytest.mark.parametrize("method, streaming", [("Generate", False), ("GenerateStream", True), ("Score", False)])
+def test_undecodable_request_is_invalid_argument(channel, stub, method, streaming):
+    # What a broken or mismatched client sends: bytes that aren't the message (grpc alone says UNKNOWN).
+    kind = channel.unary_stream if streaming else channel.unary_unary
+    call = kind(f"/namegen.v1.NameGenerator/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as e:
+        r = call(b"\xff\xff\xff\xff", timeout=10)
+        list(r) if streaming else r
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("request: not a valid")
+    assert_healthy(channel, stub)
+
+
 def test_only_new_impossible_is_failed_precondition(stub, channel):
     # The only name of length 4 that starts with "emma" is "emma", a training name: no new one exists.
     with pytest.raises(grpc.RpcError) as e:

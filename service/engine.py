@@ -33,6 +33,7 @@ class ProviderError(Exception):
 # A Score call's characters in all: ~1 s of model time on 2 cores. Without a bound, one 16 MiB request
 # would hold the engine thread for seconds and the reply could outgrow the message limit.
 MAX_SCORE_CHARS = 1_000_000
+MAX_SCORE_NAME = 10_000  # characters per name: a name is scored in one model run (~15 ms at this length)
 ONLY_NEW_PROBE = 10_000  # draws after which an only_new request finding under 0.5% new names gives up
 PROVIDER_ADVICE = "; use --provider cpu or auto"  # what a server's user can do about a ProviderError
 
@@ -341,24 +342,29 @@ class Engine:
             lp[i : i + self.max_rows] = logits[np.arange(len(logits)), tgt[i : i + self.max_rows]] - logz
         return np.split(lp, np.cumsum(lens)[:-1])
 
-    def check_score_size(self, names):
-        """The cheap checks of a Score call (done before it queues): some names, not too many characters."""
+    def check_score_names(self, names):
+        """Every check of a Score call, in passes that run at C speed (~10 ms per million characters), so
+        that a server can make them before the call queues. -> the call's characters in all."""
         if not names:
             raise InvalidArgument("names", "give at least one name")
         total = sum(map(len, names))
         if total > MAX_SCORE_CHARS:
             raise InvalidArgument("names", f"at most {MAX_SCORE_CHARS:,} characters in all per call, got {total:,}; "
                                            "split them over several calls")
+        longest = max(map(len, names))
+        if longest > MAX_SCORE_NAME:
+            raise InvalidArgument("names", f"at most {MAX_SCORE_NAME:,} characters per name, got {longest:,}")
+        vocab = set(self.itos[1:])
+        bad = set("".join(names)) - vocab  # "" is a name too: the model can end one at once, as Generate can
+        if bad:
+            w = next(w for w in names if not bad.isdisjoint(w))
+            raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(''.join(sorted(bad & set(w))))!r} "
+                                           f"outside the vocabulary {self.itos[1:]!r}")
+        return total
 
     def score(self, names):
         """-> [(total logprob, per-character logprobs incl. the end token)] for each name."""
-        self.check_score_size(names)
-        vocab = set(self.itos[1:])
-        for w in names:  # "" is a name too: the model can end one at once, and Generate can return it
-            bad = sorted(set(w) - vocab)
-            if bad:
-                raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(''.join(bad))!r} outside the "
-                                               f"vocabulary {self.itos[1:]!r}")
+        self.check_score_names(names)
         return [(float(lp.sum()), lp.tolist()) for lp in self._char_logprobs(names)]
 
     def warmup(self):

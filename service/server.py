@@ -53,7 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-stream-samples", type=int, default=10_000_000, help="most names per GenerateStream")
     ap.add_argument("--max-streams", type=int, default=16,
                     help="most GenerateStreams at once (more: RESOURCE_EXHAUSTED); each holds up to two chunks, "
-                         "~25 MB at the largest chunk_size, for as long as its client is slow to read")
+                         "~35 MB at the largest chunk_size, for as long as its client is slow to read")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host; 0 = off")
     ap.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight RPCs finish on SIGTERM")
     ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",

@@ -145,9 +145,10 @@ def test_invalid_arguments_name_the_field(cpu_engine, kwargs, field):
 
 
 def test_invalid_score_names(cpu_engine):
-    from service.engine import MAX_SCORE_CHARS
+    from service.engine import MAX_SCORE_CHARS, MAX_SCORE_NAME
 
-    for bad in ([], ["Emma"], ["em.ma"], ["ab"] * (MAX_SCORE_CHARS // 2 + 1)):
+    for bad in ([], ["Emma"], ["em.ma"], ["ab"] * (MAX_SCORE_CHARS // 2 + 1), ["a" * (MAX_SCORE_NAME + 1)],
+                ["emma"] * 1000 + ["zoe!"]):
         with pytest.raises(InvalidArgument, match="names"):
             cpu_engine.score(bad)
 

@@ -536,3 +536,21 @@ def test_score_in_several_engine_calls(stub, engine):
     r = stub.Score(pb.ScoreRequest(names=names), timeout=60)
     assert [s.name for s in r.scores] == names
     assert [s.logprob for s in r.scores] == pytest.approx([t for t, _ in engine.score(names)], abs=1e-5)
+
+
+def test_score_load_is_bounded(stub, channel):
+    from service.servicer import SCORE_CHARS_IN_FLIGHT
+
+    names = ["abcdefghij"] * 100_000  # 1,000,000 characters, the most one call may have; each takes seconds
+    assert SCORE_CHARS_IN_FLIGHT < 4 * 1_000_000
+    calls = [stub.Score.future(pb.ScoreRequest(names=names), timeout=120) for _ in range(4)]
+    codes = []
+    for f in calls:
+        try:
+            codes.append(len(f.result().scores) == len(names))
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "being scored" in e.details(), e.details()
+            codes.append(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert True in codes and grpc.StatusCode.RESOURCE_EXHAUSTED in codes and False not in codes
+    assert_healthy(channel, stub)
+

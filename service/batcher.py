@@ -13,8 +13,9 @@ Policies, and why:
   jobs that arrived during the run, so a million names can't hold up a one-name request for long.
 - Determinism: each request draws its uniforms from its own seeded generator in order, so how it is
   chunked or what it is batched with doesn't change its names (the engine guarantees this).
-- Bounded memory: at most max_queue jobs are pending (queued or being served); more -> QueueFull
-  (RESOURCE_EXHAUSTED). A stream submits a chunk at a time (one ahead), so it holds about two.
+- Bounded memory: at most max_queue jobs, wanting at most max_queue_names names in all, are pending
+  (queued or being served); more -> QueueFull (RESOURCE_EXHAUSTED). A stream submits a chunk at a time
+  (one ahead), so it holds about two.
 - Cancelled jobs are skipped at the next collection and get no more model runs; jobs whose deadline
   passed in the queue fail with DeadlineExceeded.
 - max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
@@ -55,7 +56,8 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, engine, max_batch_rows=1024, max_wait_ms=1.0, max_queue=1024, metrics=None, inline_rows=16):
+    def __init__(self, engine, max_batch_rows=1024, max_wait_ms=1.0, max_queue=1024, metrics=None, inline_rows=16,
+                 max_queue_names=1_000_000):
         self.engine = engine
         self.inline_rows = inline_rows
         self._concurrent_until = 0.0  # until then, traffic counts as concurrent: no inline runs
@@ -65,8 +67,10 @@ class Batcher:
         self.cap = min(max_batch_rows, engine.max_rows) if self.batching else engine.max_rows
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.max_queue = max(1, max_queue)
+        self.max_queue_names = max(1, max_queue_names)
         self.metrics = metrics
         self.pending = 0  # jobs submitted and neither finished nor cancelled
+        self.pending_names = 0  # names those jobs still want: what their results will hold in memory
         self._jobs = collections.deque()  # round-robin order of jobs waiting for a run
         self._incoming = collections.deque()  # submitted since the worker last looked
         self._wake = None
@@ -115,16 +119,21 @@ class Batcher:
         admitted: a later chunk of a stream that was let in already; it isn't turned away mid-way.
         Raises QueueFull, or what engine.run raised for this request (GenerationError, ...).
         """
-        if self.pending >= self.max_queue and not admitted:
-            raise QueueFull(f"server queue is full ({self.max_queue} requests pending); retry later")
+        want = min(rows, request.remaining)
+        if not admitted:
+            if self.pending >= self.max_queue:
+                raise QueueFull(f"server queue is full ({self.max_queue} requests pending); retry later")
+            if self.pending_names and self.pending_names + want > self.max_queue_names:
+                raise QueueFull(f"server queue is full ({self.pending_names:,} names pending); retry later")
         if self._direct_ok(request, rows):
             return self._run_direct(request, rows)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.perf_counter() + timeout
-        job = Job(request, min(rows, request.remaining), loop.create_future(), deadline)
+        job = Job(request, want, loop.create_future(), deadline)
         if job.want <= 0:
             return []
         self.pending += 1
+        self.pending_names += want
         self._incoming.append(job)
         self._wake.set()
         try:
@@ -133,6 +142,7 @@ class Batcher:
             if not job.future.done():
                 job.cancelled = True  # cancelled / deadline: the worker drops it and runs no more for it
             self.pending -= 1
+            self.pending_names -= want
 
     async def _worker(self):
         while True:

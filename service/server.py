@@ -49,6 +49,9 @@ def parse_args(argv=None):
                          "loop thread instead of the engine thread (saves two thread hand-offs); 0 = never")
     ap.add_argument("--max-queue", type=int, default=1024,
                     help="most requests pending (queued or being served); more get RESOURCE_EXHAUSTED")
+    ap.add_argument("--max-queue-names", type=int, default=1_000_000,
+                    help="most names wanted by the pending requests together (~150 MB of results); more get "
+                         "RESOURCE_EXHAUSTED")
     ap.add_argument("--max-samples", type=int, default=100_000, help="most names per Generate (and per Score)")
     ap.add_argument("--max-stream-samples", type=int, default=10_000_000, help="most names per GenerateStream")
     ap.add_argument("--max-streams", type=int, default=16,
@@ -62,7 +65,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.no_batching:
         args.max_batch_rows = 0
-    minimum = {"max_queue": 1, "max_samples": 1, "max_stream_samples": 1, "max_streams": 1,
+    minimum = {"max_queue": 1, "max_queue_names": 1, "max_samples": 1, "max_stream_samples": 1, "max_streams": 1,
                "threads": 0, "max_batch_rows": 0, "inline_rows": 0}
     for name, lo in minimum.items():
         if getattr(args, name) < lo:
@@ -86,7 +89,8 @@ def load_engine(args):
 async def serve(args, engine):
     loop = asyncio.get_running_loop()
     metrics = Metrics()
-    batcher = Batcher(engine, args.max_batch_rows, args.max_wait_ms, args.max_queue, metrics, args.inline_rows)
+    batcher = Batcher(engine, args.max_batch_rows, args.max_wait_ms, args.max_queue, metrics, args.inline_rows,
+                      args.max_queue_names)
     servicer = NameGeneratorServicer(engine, batcher, metrics, args.max_samples, args.max_stream_samples, args.max_streams)
     server = grpc.aio.server(
         options=[

@@ -486,6 +486,28 @@ def test_batcher_interleaves_big_and_small(engine):
     asyncio.run(main())
 
 
+def test_batcher_bounds_pending_names(engine):
+    import asyncio
+
+    from service.batcher import Batcher, QueueFull
+    from service.params import GenerateParams
+
+    async def main():
+        b = Batcher(engine, max_batch_rows=256, max_wait_ms=0, max_queue=100, max_queue_names=5000)
+        b.start()
+        reqs = [engine.request(GenerateParams(num_samples=3000, seed=s), 10**6) for s in range(3)]
+        jobs = [asyncio.ensure_future(b.submit(r, r.remaining)) for r in reqs]  # submitted before any run
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+        assert len(out[0]) == 3000  # room for 3,000 names, not for 6,000
+        assert all(isinstance(e, QueueFull) and "names pending" in str(e) for e in out[1:])
+        assert b.pending == 0 and b.pending_names == 0
+        again = engine.request(GenerateParams(num_samples=3000, seed=1), 10**6)
+        assert len(await b.submit(again, again.remaining)) == 3000  # the queue has emptied: room again
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_batcher_drops_cancelled_work(engine):
     import asyncio
 

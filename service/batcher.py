@@ -19,6 +19,8 @@ Policies, and why:
 - Cancelled jobs are skipped at the next collection and get no more model runs; jobs whose deadline
   passed in the queue fail with DeadlineExceeded.
 - max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
+- Score calls (slot, score) count towards max_queue too, hold at most SCORE_CHARS_IN_FLIGHT characters
+  between them, and are scored one at a time in pieces, with model runs for Generate in between.
 """
 import asyncio
 import collections
@@ -29,6 +31,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 
+SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
+SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
 PROBE_EVERY = 4  # every 4th lone small run goes to the engine thread anyway (see Batcher._inline)
 
@@ -71,6 +75,8 @@ class Batcher:
         self.metrics = metrics
         self.pending = 0  # jobs submitted and neither finished nor cancelled
         self.pending_names = 0  # names those jobs still want: what their results will hold in memory
+        self.score_chars = 0  # characters of the Score calls waiting or being scored
+        self._score_lock = asyncio.Lock()  # Score calls are scored one at a time (see score)
         self._jobs = collections.deque()  # round-robin order of jobs waiting for a run
         self._incoming = collections.deque()  # submitted since the worker last looked
         self._wake = None
@@ -99,17 +105,38 @@ class Batcher:
         """Run fn(*args) on the engine's thread (serialised with the model runs): Score, warm-up."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    @contextlib.contextmanager
-    def slot(self):
-        """A place in the queue for work that isn't a Generate job (a Score call): it counts towards
-        max_queue like one, and a full queue turns it away."""
+    def _admit(self, names):
+        """QueueFull unless a request wanting `names` names fits in the queue's bounds."""
         if self.pending >= self.max_queue:
             raise QueueFull(f"server queue is full ({self.max_queue} requests pending); retry later")
+        if self.pending_names and self.pending_names + names > self.max_queue_names:
+            raise QueueFull(f"server queue is full ({self.pending_names:,} names pending); retry later")
+
+    @contextlib.contextmanager
+    def slot(self, chars=0):
+        """A place in the queue for a Score call of `chars` characters, held while it is scored and its
+        reply built: it counts towards max_queue like a Generate job, and while SCORE_CHARS_IN_FLIGHT
+        characters are held (names and results, ~40 MB per million), more are turned away."""
+        if self.score_chars and self.score_chars + chars > SCORE_CHARS_IN_FLIGHT:
+            raise QueueFull(f"{self.score_chars:,} characters are being scored already; retry later")
+        self._admit(0)
         self.pending += 1
+        self.score_chars += chars
         try:
             yield
         finally:
             self.pending -= 1
+            self.score_chars -= chars
+
+    async def score(self, names):
+        """engine.score of names that passed engine.check_score_names. Calls are scored one at a time, so
+        that under load they finish one by one rather than all late together; each in engine calls of
+        about SCORE_PIECE_CHARS characters, so that model runs for Generate go in between."""
+        async with self._score_lock:
+            scores = []
+            for piece in _pieces(names, SCORE_PIECE_CHARS):
+                scores += await self.call(self.engine.score, piece, True)
+            return scores
 
     async def submit(self, request, rows, timeout=None, admitted=False):
         """The next `rows` names of `request` (fewer only if the request is done first; a few more
@@ -121,10 +148,7 @@ class Batcher:
         """
         want = min(rows, request.remaining)
         if not admitted:
-            if self.pending >= self.max_queue:
-                raise QueueFull(f"server queue is full ({self.max_queue} requests pending); retry later")
-            if self.pending_names and self.pending_names + want > self.max_queue_names:
-                raise QueueFull(f"server queue is full ({self.pending_names:,} names pending); retry later")
+            self._admit(want)
         if self._direct_ok(request, rows):
             return self._run_direct(request, rows)
         loop = asyncio.get_running_loop()
@@ -300,3 +324,16 @@ class Batcher:
         for job, _ in parts:
             if not job.future.done():
                 job.future.set_exception(exc)
+
+
+def _pieces(names, limit):
+    """Consecutive runs of names with about `limit` characters (end tokens included) each."""
+    piece, size = [], 0
+    for w in names:
+        if piece and size + len(w) + 1 > limit:
+            yield piece
+            piece, size = [], 0
+        piece.append(w)
+        size += len(w) + 1
+    if piece:
+        yield piece

@@ -25,6 +25,7 @@ from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
 # Generate answers up to --max-samples names in one message; gRPC clients accept only 4 MiB by default.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 16 << 20)]
 UNARY_TIMEOUT = 30.0  # seconds; a stream has no deadline unless --timeout says so (a big one takes minutes)
+TIMEOUT_HELP = f"RPC deadline in seconds (default {UNARY_TIMEOUT:g}; stream: none)"
 
 
 class UsageError(Exception):
@@ -121,12 +122,11 @@ def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given after the subcommand overrides the one before it, an absent one doesn't.
     common.add_argument("--target", default=argparse.SUPPRESS, help="server address (default 127.0.0.1:50051)")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
-                        help=f"RPC deadline in seconds (default {UNARY_TIMEOUT:g}; stream: none)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=TIMEOUT_HELP)
 
     ap = argparse.ArgumentParser(prog="python -m service.client", description="namegen gRPC client.")
     ap.add_argument("--target", default="127.0.0.1:50051", help="server address")
-    ap.add_argument("--timeout", type=float, default=None, help=f"RPC deadline in seconds (default {UNARY_TIMEOUT:g}; stream: none)")
+    ap.add_argument("--timeout", type=float, default=None, help=TIMEOUT_HELP)
     sub = ap.add_subparsers(dest="command", required=True)
 
     sampling = argparse.ArgumentParser(add_help=False)

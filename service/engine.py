@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.params import GenerateParams, InvalidArgument, clip, uniform_stream
+from service.params import GenerateParams, InvalidArgument, clip, outside_vocab, uniform_stream
 
 log = logging.getLogger("namegen.engine")
 ort.set_default_logger_severity(3)  # errors only: a failed CUDA probe under provider=auto is expected, not noise
@@ -354,17 +354,17 @@ class Engine:
         longest = max(map(len, names))
         if longest > MAX_SCORE_NAME:
             raise InvalidArgument("names", f"at most {MAX_SCORE_NAME:,} characters per name, got {longest:,}")
-        vocab = set(self.itos[1:])
-        bad = set("".join(names)) - vocab  # "" is a name too: the model can end one at once, as Generate can
-        if bad:
-            w = next(w for w in names if not bad.isdisjoint(w))
-            raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(''.join(sorted(bad & set(w))))!r} "
+        if outside_vocab("".join(names), self.itos):  # "" is a name too: the model can end one at once
+            w = next(w for w in names if outside_vocab(w, self.itos))
+            raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(outside_vocab(w, self.itos))!r} "
                                            f"outside the vocabulary {self.itos[1:]!r}")
         return total
 
-    def score(self, names):
-        """-> [(total logprob, per-character logprobs incl. the end token)] for each name."""
-        self.check_score_names(names)
+    def score(self, names, checked=False):
+        """-> [(total logprob, per-character logprobs incl. the end token)] for each name.
+        checked: check_score_names already passed on these names (or a list they come from)."""
+        if not checked:
+            self.check_score_names(names)
         return [(float(lp.sum()), lp.tolist()) for lp in self._char_logprobs(names)]
 
     def warmup(self):

@@ -49,9 +49,9 @@ class GenerateParams:
         _int("max_length", self.max_length, 1, MAX_LENGTH_LIMIT)
         if not isinstance(self.prefix, str):
             raise InvalidArgument("prefix", f"must be a string, got {type(self.prefix).__name__}")
-        bad = sorted(set(self.prefix) - set(itos[1:]))
+        bad = outside_vocab(self.prefix, itos)
         if bad:
-            raise InvalidArgument("prefix", f"characters {clip(''.join(bad))!r} are not in the vocabulary {itos[1:]!r}")
+            raise InvalidArgument("prefix", f"characters {clip(bad)!r} are not in the vocabulary {itos[1:]!r}")
         if len(self.prefix) > self.max_length:
             raise InvalidArgument("prefix", f"has {len(self.prefix)} characters, more than max_length={self.max_length}")
         seed = self.seed
@@ -67,6 +67,11 @@ class GenerateParams:
         """Characters that fit after the prefix. The sampler forces the end token after them, so a name
         that reaches max_length is cut there (and its logprob is the score of the name as returned)."""
         return self.max_length - len(self.prefix)
+
+
+def outside_vocab(text, itos):
+    """The characters of text that the vocabulary (itos[1:]; itos[0] is the end token) lacks, sorted."""
+    return "".join(sorted(set(text).difference(itos[1:])))
 
 
 def clip(text, n=40):

@@ -33,8 +33,6 @@ from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
 
 DEFAULT_CHUNK = 10_000  # GenerateStream names per message unless the request says otherwise
 MAX_CHUNK = 50_000  # a chunk of 64-character names then stays under the 4 MiB a default gRPC client accepts
-SCORE_CHUNK_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
-SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
 UNARY_CHUNK = 4096  # a larger Generate is drawn in chunks of this many, pipelined with building the reply
 PARAM_FIELDS = frozenset(GenerateParams.__dataclass_fields__)
 
@@ -109,19 +107,6 @@ def response_of(samples, seed):
     return resp
 
 
-def _groups(names, limit):
-    """Consecutive runs of names with about `limit` characters (end tokens included) each."""
-    group, size = [], 0
-    for w in names:
-        if group and size + len(w) + 1 > limit:
-            yield group
-            group, size = [], 0
-        group.append(w)
-        size += len(w) + 1
-    if group:
-        yield group
-
-
 def _struct(d):
     s = struct_pb2.Struct()
     s.update(json.loads(json.dumps(d or {}, default=str)))  # Struct wants plain JSON values
@@ -138,8 +123,6 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
         self.max_stream_samples = max_stream_samples
         self.max_streams = max_streams
         self.streams = 0  # GenerateStreams being served
-        self.score_chars = 0  # characters of the Score calls waiting or being scored
-        self._score_lock = asyncio.Lock()
         info = engine.info
         self._info = pb.ModelInfo(
             vocab=info.vocab,
@@ -251,27 +234,14 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             names = list(_parsed(request).names)
             if len(names) > self.max_samples:
                 raise InvalidArgument("names", f"at most {self.max_samples} names per request, got {len(names)}")
-            chars = self.engine.check_score_names(names)
-            # Calls waiting or being scored hold their names and results (~40 MB per million characters).
-            if self.score_chars and self.score_chars + chars > SCORE_CHARS_IN_FLIGHT:
-                raise QueueFull(f"{self.score_chars:,} characters are being scored already; retry later")
-            self.score_chars += chars
-            try:
-                with self.batcher.slot():
-                    # One call at a time, so that under load calls finish one by one rather than all late
-                    # together; each in small engine calls, so that model runs for Generate go in between.
-                    async with self._score_lock:
-                        scores = []
-                        for group in _groups(names, SCORE_CHUNK_CHARS):
-                            scores += await self.batcher.call(self.engine.score, group)
+            with self.batcher.slot(self.engine.check_score_names(names)):
+                scores = await self.batcher.score(names)
                 resp = pb.ScoreResponse()
                 add = resp.scores.add
                 for i, (name, (total, per)) in enumerate(zip(names, scores)):
                     add(name=name, logprob=total, char_logprobs=per)
                     if i % 8192 == 8191:
                         await asyncio.sleep(0)  # a big reply takes ~0.1 s to build: let other RPCs in meanwhile
-            finally:
-                self.score_chars -= chars
             self._done("Score", "OK", t0)
             return resp
         except asyncio.CancelledError:

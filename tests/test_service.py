@@ -550,18 +550,18 @@ def test_batcher_slot_counts_towards_the_queue(engine):
 
 
 def test_score_in_several_engine_calls(stub, engine):
-    from service.servicer import SCORE_CHUNK_CHARS
+    from service.batcher import SCORE_PIECE_CHARS
 
     letters = "abcdefghij"
     names = [(a + b + c + d) * 3 for a in letters for b in letters for c in letters for d in "aeiou"]  # 5,000 x 12
-    assert sum(len(w) + 1 for w in names) > 2 * SCORE_CHUNK_CHARS  # served in at least three engine calls
+    assert sum(len(w) + 1 for w in names) > 2 * SCORE_PIECE_CHARS  # served in at least three engine calls
     r = stub.Score(pb.ScoreRequest(names=names), timeout=60)
     assert [s.name for s in r.scores] == names
     assert [s.logprob for s in r.scores] == pytest.approx([t for t, _ in engine.score(names)], abs=1e-5)
 
 
 def test_score_load_is_bounded(stub, channel):
-    from service.servicer import SCORE_CHARS_IN_FLIGHT
+    from service.batcher import SCORE_CHARS_IN_FLIGHT
 
     names = ["abcdefghij"] * 100_000  # 1,000,000 characters, the most one call may have; each takes seconds
     assert SCORE_CHARS_IN_FLIGHT < 4 * 1_000_000

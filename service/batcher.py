@@ -30,6 +30,8 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
+from service.busypoll import BusyPoll
+
 
 SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
 SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
@@ -61,7 +63,7 @@ class Job:
 
 class Batcher:
     def __init__(self, engine, max_batch_rows=1024, max_wait_ms=1.0, max_queue=1024, metrics=None, inline_rows=16,
-                 max_queue_names=1_000_000):
+                 max_queue_names=1_000_000, busy_poll_ms=0.0):
         self.engine = engine
         self.inline_rows = inline_rows
         self._concurrent_until = 0.0  # until then, traffic counts as concurrent: no inline runs
@@ -83,13 +85,16 @@ class Batcher:
         self._task = None
         self._last_batch = 1  # requests served by the previous run
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.busy_poll = BusyPoll(busy_poll_ms, self.quiet)
 
     def start(self):
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="batcher")
+        self.busy_poll.start()
 
     async def close(self):
         """Stop the worker (after the server has drained); fails whatever is still queued."""
+        await self.busy_poll.close()
         if self._task:
             self._task.cancel()
             try:
@@ -100,6 +105,10 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("server is shutting down"))
         self._executor.shutdown(wait=True)
+
+    def quiet(self):
+        """Nothing pending and no concurrent traffic lately: the loop may busy-poll (see service.busypoll)."""
+        return not self.pending and time.perf_counter() >= self._concurrent_until
 
     async def call(self, fn, *args):
         """Run fn(*args) on the engine's thread (serialised with the model runs): Score, warm-up."""

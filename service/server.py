@@ -22,6 +22,7 @@ from service.servicer import NameGeneratorServicer, add_to_server, pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NameGenerator"].full_name
 MiB = 1 << 20
+BUSY_POLL_MS = 20.0
 
 
 def parse_args(argv=None):
@@ -47,6 +48,10 @@ def parse_args(argv=None):
     ap.add_argument("--inline-rows", type=int, default=16,
                     help="without concurrent traffic, a lone request of at most this many names runs on the event "
                          "loop thread instead of the engine thread (saves two thread hand-offs); 0 = never")
+    ap.add_argument("--busy-poll-ms", type=float, default=BUSY_POLL_MS,
+                    help="after an RPC, keep the event loop polling this long instead of sleeping, while the server "
+                         "is otherwise quiet: one-at-a-time requests then find the CPU awake (costs CPU only "
+                         "while requests keep coming); 0 = never")
     ap.add_argument("--max-queue", type=int, default=1024,
                     help="most requests pending (queued or being served); more get RESOURCE_EXHAUSTED")
     ap.add_argument("--max-queue-names", type=int, default=1_000_000,
@@ -66,7 +71,7 @@ def parse_args(argv=None):
     if args.no_batching:
         args.max_batch_rows = 0
     minimum = {"max_queue": 1, "max_queue_names": 1, "max_samples": 1, "max_stream_samples": 1, "max_streams": 1,
-               "threads": 0, "max_batch_rows": 0, "inline_rows": 0}
+               "threads": 0, "max_batch_rows": 0, "inline_rows": 0, "busy_poll_ms": 0}
     for name, lo in minimum.items():
         if getattr(args, name) < lo:
             ap.error(f"--{name.replace('_', '-')} must be >= {lo}")
@@ -90,7 +95,7 @@ async def serve(args, engine):
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     batcher = Batcher(engine, args.max_batch_rows, args.max_wait_ms, args.max_queue, metrics, args.inline_rows,
-                      args.max_queue_names)
+                      args.max_queue_names, args.busy_poll_ms)
     servicer = NameGeneratorServicer(engine, batcher, metrics, args.max_samples, args.max_stream_samples, args.max_streams)
     server = grpc.aio.server(
         options=[

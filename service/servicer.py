@@ -138,6 +138,7 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
         )
 
     def _done(self, method, code, t0, names=0):
+        self.batcher.busy_poll.touch()
         m = self.metrics
         if m is not None:
             m.observe_rpc(method, code, time.perf_counter() - t0)

@@ -549,6 +549,43 @@ def test_batcher_slot_counts_towards_the_queue(engine):
     assert b.pending == 0
 
 
+def test_busy_poll_polls_for_its_window_while_quiet():
+    import asyncio
+
+    from service.busypoll import BusyPoll
+
+    async def main():
+        polls, quiet = [], [True]
+        bp = BusyPoll(100, lambda: polls.append(1) or quiet[0])
+        bp.start()
+        await asyncio.sleep(0.05)
+        assert not polls  # nothing happened yet: the loop sleeps
+        bp.touch()
+        await asyncio.sleep(0.02)
+        assert polls  # an RPC finished: the loop polls ...
+        await asyncio.sleep(0.2)
+        n = len(polls)
+        await asyncio.sleep(0.05)
+        assert len(polls) == n  # ... and sleeps again once the window has passed
+        quiet[0] = False  # the server is busy (a run on the engine thread, concurrent traffic): no polling
+        bp.touch()
+        await asyncio.sleep(0.05)
+        assert len(polls) == n + 1
+        await bp.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_is_quiet_only_without_pending_work(engine):
+    from service.batcher import Batcher
+
+    b = Batcher(engine, max_queue=4)
+    assert b.quiet()
+    with b.slot():
+        assert not b.quiet()
+    assert b.quiet()
+
+
 def test_score_in_several_engine_calls(stub, engine):
     from service.batcher import SCORE_PIECE_CHARS
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.engine import Engine, ProviderError
+from service.engine import Engine
 from service.params import DEFAULT_MAX_LENGTH, GenerateParams
+from service.session import ProviderError
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.sampling import sample_reference
 

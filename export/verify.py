@@ -20,8 +20,9 @@ import torch
 
 from export.fold import float64_reference, fold_for_export, folded_logit_error
 from export.reference import reference_generate
-from service.engine import PROVIDER_ADVICE, Engine, ModelFileError, ProviderError
+from service.engine import Engine
 from service.params import GenerateParams
+from service.session import PROVIDER_ADVICE, ModelFileError, ProviderError
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.dataset import build_examples, split_words
 

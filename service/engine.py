@@ -4,38 +4,27 @@ Determinism: each request's uniforms come from its own generator seeded with the
 (params.uniform_stream) and are read row by row in order, so a request's names depend only on its own
 parameters, never on how its rows were chunked or which other requests shared the session run.
 """
-import ctypes
-import json
-import logging
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from service.params import GenerateParams, InvalidArgument, clip, outside_vocab, uniform_stream
-
-log = logging.getLogger("namegen.engine")
-ort.set_default_logger_severity(3)  # errors only: a failed CUDA probe under provider=auto is expected, not noise
-
-
-class ModelFileError(Exception):
-    """Missing, corrupt or incompatible model artifacts (one-line message)."""
-
-
-class ProviderError(Exception):
-    """The requested execution provider cannot be used here."""
-
+from service.params import (
+    GenerateParams,
+    InvalidArgument,
+    clip,
+    outside_vocab,
+    uniform_stream,
+)
+from service.session import ModelFileError, cpu_cores, make_session, read_metadata
 
 # A Score call's characters in all: ~1 s of model time on 2 cores. Without a bound, one 16 MiB request
 # would hold the engine thread for seconds and the reply could outgrow the message limit.
 MAX_SCORE_CHARS = 1_000_000
 MAX_SCORE_NAME = 10_000  # characters per name: a name is scored in one model run (~15 ms at this length)
 ONLY_NEW_PROBE = 10_000  # draws after which an only_new request finding under 0.5% new names gives up
-PROVIDER_ADVICE = "; use --provider cpu or auto"  # what a server's user can do about a ProviderError
 
 
 class GenerationError(Exception):
@@ -61,77 +50,12 @@ class ModelInfo:
     sampler_path: str
 
 
-def _nvidia_driver_present():
-    """Is an NVIDIA driver installed (libcuda loads)? Without one, CUDA can't work, and probing ORT's CUDA
-    provider only prints load errors."""
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
 # Rows per shard below which a run isn't split across CPU threads (see Engine._sample): 1,024 rows split
 # in two measured 1.3x faster on 2 cores; smaller runs are mostly per-run overhead, which splitting repeats.
 MIN_SHARD_ROWS = 512
 # Rows per shard above which a run is cut into more shards than threads: a (4096, n_hidden) activation
 # stays in cache; one 65536-row run measured 1.4x slower per name than 16 of 4096.
 MAX_SHARD_ROWS = 4096
-
-
-def cpu_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def make_session(path, provider="auto", intra_op_threads=1):
-    """-> (InferenceSession, "cuda" | "cpu"). provider: cpu | cuda | auto (CUDA if it really loads).
-
-    intra_op_threads=1 by default: this model's ops are too small to split well (on 2 cores, 2 intra-op
-    threads measured 2x slower at 64 rows and no faster at 4096); the engine runs row shards in parallel
-    instead, one session per thread.
-    """
-    if provider not in ("auto", "cpu", "cuda"):
-        raise ProviderError(f"provider must be auto, cpu or cuda, got {provider!r}")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = intra_op_threads
-    so.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    # No NVIDIA driver at all: no CUDA probe (ORT would only print load errors); cuda is refused, auto is CPU.
-    driver = provider != "cpu" and _nvidia_driver_present()
-    if provider == "cuda" and not driver:
-        raise ProviderError("provider=cuda but this machine has no NVIDIA driver (libcuda.so.1)" + PROVIDER_ADVICE)
-    if driver and "CUDAExecutionProvider" in ort.get_available_providers():
-        if hasattr(ort, "preload_dlls"):
-            try:  # CUDA/cuDNN from pip's nvidia-* wheels, when present
-                ort.preload_dlls()
-            except Exception:  # noqa: BLE001 - absence is diagnosed below by get_providers()
-                pass
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as e:  # noqa: BLE001 - ORT raises several types for bad files
-        raise ModelFileError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
-    active = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-    if provider == "cuda" and active != "cuda":
-        raise ProviderError(
-            "provider=cuda but ONNX Runtime's CUDA execution provider did not load here "
-            f"(available: {ort.get_available_providers()}; no GPU, driver or CUDA libraries?)" + PROVIDER_ADVICE
-        )
-    if provider == "auto":
-        log.info("provider=auto: using %s", active)
-    return sess, active
-
-
-def read_metadata(sess, path):
-    props = sess.get_modelmeta().custom_metadata_map
-    try:
-        meta = json.loads(props["namegen"])
-        words = props.get("words", "")
-        meta["words"] = words.split("\n") if words else []
-        meta["vocab"], meta["block_size"]  # noqa: B018 - required keys
-    except (KeyError, ValueError) as e:
-        raise ModelFileError(f"{path}: no namegen metadata ({e}); re-run `make export`") from None
-    return meta
 
 
 class Request:

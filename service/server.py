@@ -16,9 +16,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from service.batcher import Batcher
-from service.engine import Engine, ModelFileError, ProviderError
+from service.engine import Engine
 from service.metrics import Metrics, rss_report
 from service.servicer import NameGeneratorServicer, add_to_server, pb
+from service.session import ModelFileError, ProviderError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NameGenerator"].full_name
 MiB = 1 << 20

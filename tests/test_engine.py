@@ -5,8 +5,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.engine import Engine, GenerationError, ModelFileError, ProviderError
+from service.engine import Engine, GenerationError
 from service.params import MAX_LENGTH_LIMIT, GenerateParams, InvalidArgument
+from service.session import ModelFileError, ProviderError
 
 P = GenerateParams
 

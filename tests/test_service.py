@@ -556,14 +556,14 @@ def test_busy_poll_polls_for_its_window_while_quiet():
 
     async def main():
         polls, quiet = [], [True]
-        bp = BusyPoll(100, lambda: polls.append(1) or quiet[0])
+        bp = BusyPoll(500, lambda: polls.append(1) or quiet[0])  # a window no stall of a busy CI host outlasts
         bp.start()
         await asyncio.sleep(0.05)
         assert not polls  # nothing happened yet: the loop sleeps
         bp.touch()
         await asyncio.sleep(0.02)
         assert polls  # an RPC finished: the loop polls ...
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.6)
         n = len(polls)
         await asyncio.sleep(0.05)
         assert len(polls) == n  # ... and sleeps again once the window has passed

@@ -30,7 +30,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-from service.busypoll import BusyPoll
+from service.busypoll import BusyPoll, stop_task
 
 
 SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
@@ -95,12 +95,7 @@ class Batcher:
     async def close(self):
         """Stop the worker (after the server has drained); fails whatever is still queued."""
         await self.busy_poll.close()
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         for job in list(self._jobs) + list(self._incoming):
             if not job.future.done():
                 job.future.set_exception(RuntimeError("server is shutting down"))

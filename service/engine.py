@@ -11,13 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.params import (
-    GenerateParams,
-    InvalidArgument,
-    clip,
-    outside_vocab,
-    uniform_stream,
-)
+from service.params import GenerateParams, InvalidArgument, clip, outside_vocab, uniform_stream
 from service.session import ModelFileError, cpu_cores, make_session, read_metadata
 
 # A Score call's characters in all: ~1 s of model time on 2 cores. Without a bound, one 16 MiB request

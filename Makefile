@@ -54,8 +54,11 @@ $(ART)/model.pt: | $(STAMP)
 export: $(ART)/model.pt
 	$(PY) -m export.export --checkpoint $(ART)/model.pt --out-dir $(ART)
 
-# Re-exported when the checkpoint or the graph-building code changes (a pull that changes the sampler).
-$(ART)/sampler.onnx $(ART)/model.onnx: $(ART)/model.pt $(filter-out export/verify.py export/bench.py,$(wildcard export/*.py))
+# Re-exported when the checkpoint or the code that builds the graphs changes (a pull that changes the
+# sampler). One export writes model.onnx and sampler.onnx; the rule names one, so `make -j` runs it once.
+EXPORT_SRC := $(filter-out export/verify.py export/bench.py,$(wildcard export/*.py)) \
+	trainer/model.py trainer/checkpoint.py trainer/dataset.py
+$(ART)/sampler.onnx: $(ART)/model.pt $(EXPORT_SRC)
 	$(PY) -m export.export --checkpoint $(ART)/model.pt --out-dir $(ART)
 
 verify: $(ART)/sampler.onnx

@@ -19,7 +19,7 @@ import torch
 
 from service.engine import Engine
 from service.params import DEFAULT_MAX_LENGTH, GenerateParams
-from service.session import ProviderError
+from service.session import ModelFileError, ProviderError
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.sampling import sample_reference
 
@@ -140,6 +140,8 @@ def main(argv=None):
             engines[provider] = Engine(args.model_dir, provider=provider, threads=args.threads, max_rows=max(sizes))
         except ProviderError as e:
             print(f"  engine {provider}: skipped ({e})")
+        except ModelFileError as e:
+            sys.exit(f"error: {e}")
 
     # Every measurement, in the order of a round. Rounds repeat the whole list, so each method meets the
     # same slow and fast phases of a shared machine, and ratios are taken within a round.

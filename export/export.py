@@ -11,10 +11,11 @@ from pathlib import Path
 import onnx
 import torch
 
+from data.names import sha256_of
 from export.fold import fold_for_export, folded_logit_error
 from export.graphs import OPSET, build_logits_model, logit_shift
 from export.sampler_graph import build_sampler_model
-from trainer.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.dataset import build_examples, split_words
 
 FOLD_TOLERANCE = 1e-5
@@ -56,7 +57,7 @@ def export(checkpoint, out_dir):
     diff = folded_logit_error(model, folded, Xva)
     if diff > FOLD_TOLERANCE:
         raise RuntimeError(f"folding changed the logits by {diff:.2e} > {FOLD_TOLERANCE:g}; refusing to export")
-    sha = file_sha256(checkpoint)
+    sha = sha256_of(checkpoint)
     meta = metadata(ckpt, sha)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

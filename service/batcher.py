@@ -15,7 +15,7 @@ Policies, and why:
   chunked or what it is batched with doesn't change its names (the engine guarantees this).
 - Bounded memory: at most max_queue jobs, wanting at most max_queue_names names in all, are pending
   (queued or being served); more -> QueueFull (RESOURCE_EXHAUSTED). A stream submits a chunk at a time
-  (one ahead), so it holds about two.
+  (one ahead), so it holds about two; a large unary Generate reserves all its names (reserve).
 - Cancelled jobs are skipped at the next collection and get no more model runs; jobs whose deadline
   passed in the queue fail with DeadlineExceeded.
 - max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
@@ -80,6 +80,7 @@ class Batcher:
         self.score_chars = 0  # characters of the Score calls waiting or being scored
         self._score_lock = asyncio.Lock()  # Score calls are scored one at a time (see score)
         self._jobs = collections.deque()  # round-robin order of jobs waiting for a run
+        self._running = []  # the jobs of the run in hand
         self._incoming = collections.deque()  # submitted since the worker last looked
         self._wake = None
         self._task = None
@@ -132,6 +133,18 @@ class Batcher:
             self.pending -= 1
             self.score_chars -= chars
 
+    @contextlib.contextmanager
+    def reserve(self, names):
+        """Admission of a request drawn in several chunks whose names are all held until it ends (a large
+        unary Generate builds one reply): they count towards max_queue_names for its whole life, not a
+        chunk at a time. Its chunks are then submitted as admitted (and counted again while queued)."""
+        self._admit(names)
+        self.pending_names += names
+        try:
+            yield
+        finally:
+            self.pending_names -= names
+
     async def score(self, names):
         """engine.score of names that passed engine.check_score_names. Calls are scored one at a time, so
         that under load they finish one by one rather than all late together; each in engine calls of
@@ -180,10 +193,12 @@ class Batcher:
                 raise
             except Exception:  # noqa: BLE001 - a bug here must not stop all generation
                 traceback.print_exc(file=sys.stderr)
-                for job in list(self._jobs):
+                # The jobs of the run in hand (taken off the queue by _collect) fail too: none may hang.
+                for job in [*self._running, *self._jobs]:
                     if not job.future.done():
                         job.future.set_exception(RuntimeError("internal batching error"))
                 self._jobs.clear()
+            self._running = []
 
     async def _step(self):
         """Collect one batch, run it, hand out the names."""
@@ -199,6 +214,7 @@ class Batcher:
         parts, rows = self._collect()
         if not parts:
             return
+        self._running = [job for job, _ in parts]
         now = time.perf_counter()
         for job, _ in parts:
             if not job.served:
@@ -318,7 +334,7 @@ class Batcher:
                 continue
             # The engine sizes the draw (only_new draws extra, since some names are known ones; a
             # surplus beyond this job's share stays with the job, in order, for the next chunk).
-            n = req.rows_wanted(min(self.cap - rows, self.cap if req.params.only_new else owed))
+            n = req.rows_wanted(self.cap - rows, owed)
             parts.append((job, n))
             rows += n
         self._jobs = keep

@@ -75,12 +75,15 @@ class Request:
     def done(self):
         return self.remaining == 0 or self.error is not None
 
-    def rows_wanted(self, cap):
-        """Rows to draw next: what is still owed (a little more under only_new, since some names are known).
-        Under only_new a run also ends at ONLY_NEW_PROBE draws, where a hopeless request is given up."""
-        n = self.remaining if not self.params.only_new else math.ceil(self.remaining * 1.5) + 8
+    def rows_wanted(self, cap, owed=None):
+        """Rows to draw next (at most cap) for `owed` of the names still owed (default: all of them): that
+        many, or a little more under only_new, since some names are known ones. Under only_new a run
+        also ends at ONLY_NEW_PROBE draws, where a hopeless request is given up."""
+        owed = self.remaining if owed is None else min(owed, self.remaining)
+        if not self.params.only_new:
+            return max(1, min(owed, cap))
         limit = self.max_draws if self.drawn >= ONLY_NEW_PROBE else min(self.max_draws, ONLY_NEW_PROBE)
-        return max(1, min(n, cap, limit - self.drawn))
+        return max(1, min(math.ceil(owed * 1.5) + 8, cap, limit - self.drawn))
 
 
 class Engine:
@@ -275,7 +278,7 @@ class Engine:
         if outside_vocab("".join(names), self.itos):  # "" is a name too: the model can end one at once
             w = next(w for w in names if outside_vocab(w, self.itos))
             raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(outside_vocab(w, self.itos))!r} "
-                                           f"outside the vocabulary {self.itos[1:]!r}")
+                                           f"outside the vocabulary {clip(self.itos[1:])!r}")
         return total
 
     def score(self, names, checked=False):

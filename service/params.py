@@ -51,7 +51,7 @@ class GenerateParams:
             raise InvalidArgument("prefix", f"must be a string, got {type(self.prefix).__name__}")
         bad = outside_vocab(self.prefix, itos)
         if bad:
-            raise InvalidArgument("prefix", f"characters {clip(bad)!r} are not in the vocabulary {itos[1:]!r}")
+            raise InvalidArgument("prefix", f"characters {clip(bad)!r} are not in the vocabulary {clip(itos[1:])!r}")
         if len(self.prefix) > self.max_length:
             raise InvalidArgument("prefix", f"has {len(self.prefix)} characters, more than max_length={self.max_length}")
         seed = self.seed

@@ -76,6 +76,9 @@ def parse_args(argv=None):
     for name, lo in minimum.items():
         if getattr(args, name) < lo:
             ap.error(f"--{name.replace('_', '-')} must be >= {lo}")
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            ap.error(f"--{name.replace('_', '-')} must be in [0, 65535]")
     return args
 
 

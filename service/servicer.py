@@ -13,6 +13,7 @@ grpc (which would turn it into UNKNOWN) and none can stop the server:
   anything else    -> INTERNAL (traceback to the server's stderr)
 """
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -99,12 +100,15 @@ def params_of(request):
     return GenerateParams(**{k: v for k, v in fields.items() if k in PARAM_FIELDS}), chunk
 
 
-def response_of(samples, seed):
-    resp = pb.GenerateResponse(seed=seed)
+def add_samples(resp, samples):
     add = resp.samples.add  # the fastest way to build many submessages with upb (~1.3 us each)
     for s in samples:
         add(name=s.name, logprob=s.logprob, in_training_data=s.in_training_data)
     return resp
+
+
+def response_of(samples, seed):
+    return add_samples(pb.GenerateResponse(seed=seed), samples)
 
 
 def _struct(d):
@@ -153,12 +157,12 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             if req.remaining <= UNARY_CHUNK:  # the common case, kept short
                 resp = response_of(await self.batcher.submit(req, req.remaining, context.time_remaining()),
                                    req.params.seed)
-            else:  # build the message from chunk k while the engine draws chunk k+1
+            else:  # build the message from chunk k while the engine draws chunk k+1; it holds every name
                 resp = pb.GenerateResponse(seed=req.params.seed)
-                add = resp.samples.add
-                async for out in self._chunks(req, UNARY_CHUNK, context):
-                    for s in out:
-                        add(name=s.name, logprob=s.logprob, in_training_data=s.in_training_data)
+                with self.batcher.reserve(req.remaining):
+                    async with contextlib.aclosing(self._chunks(req, UNARY_CHUNK, context, admitted=True)) as chunks:
+                        async for out in chunks:
+                            add_samples(resp, out)
             self._done("Generate", code, t0, len(resp.samples))
             return resp
         except asyncio.CancelledError:  # client cancelled or its deadline passed: nobody to answer
@@ -183,9 +187,10 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
                 raise QueueFull(f"{self.max_streams} streams are being served already; retry later")
             self.streams += 1
             counted = True
-            async for out in self._chunks(req, chunk, context):
-                sent += len(out)
-                yield response_of(out, seed)
+            async with contextlib.aclosing(self._chunks(req, chunk, context)) as chunks:
+                async for out in chunks:  # aclosing: a cancelled stream stops drawing at once, not at GC
+                    sent += len(out)
+                    yield response_of(out, seed)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
             code = "CANCELLED"
             raise
@@ -197,15 +202,15 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             self.streams -= counted
             self._done("GenerateStream", code, t0, sent)
 
-    async def _chunks(self, req, chunk, context):
+    async def _chunks(self, req, chunk, context, admitted=False):
         """The request's names in lists of `chunk`, drawing one chunk ahead.
 
         The engine draws chunk k+1 while chunk k is serialised and sent; chunk k+2 is only asked
         for once grpc took chunk k (its flow control waits for the client), so a stream holds
         about two chunks however long it is. Chunks are drawn one after another from the same
         Request, so the names come in the same order as from Generate with the same seed.
+        admitted: the request was let in already (Batcher.reserve); else its first chunk may be turned away.
         """
-        admitted = False
 
         def fetch():
             nonlocal admitted
@@ -228,6 +233,8 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
         finally:
             if pending is not None:  # cancelled or failed: stop drawing for it
                 pending.cancel()
+                if pending.done() and not pending.cancelled():
+                    pending.exception()  # retrieved: its error (if any) was superseded by what ended the stream
 
     async def Score(self, request, context):
         t0 = time.perf_counter()
@@ -254,5 +261,9 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             await context.abort(status, msg)
 
     async def GetModelInfo(self, request, context):
-        self._done("GetModelInfo", "OK", time.perf_counter())
+        t0 = time.perf_counter()
+        if isinstance(request, Undecodable):
+            self._done("GetModelInfo", "INVALID_ARGUMENT", t0)
+            await context.abort(*status_of(InvalidArgument("request", request.message)))
+        self._done("GetModelInfo", "OK", t0)
         return self._info

@@ -8,7 +8,7 @@ from trainer.dataset import Vocab, split_words
 
 @pytest.fixture(scope="session")
 def words():
-    return load_words(default_names_path(download=False))
+    return load_words(default_names_path())  # the local copy, else downloaded once into data/ (and verified)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.engine import Engine, GenerationError
+from service.engine import ONLY_NEW_PROBE, Engine, GenerationError
 from service.params import MAX_LENGTH_LIMIT, GenerateParams, InvalidArgument
 from service.session import ModelFileError, ProviderError
 
@@ -97,15 +97,21 @@ def test_only_new_and_training_flag(cpu_engine):
 
 
 def test_only_new_gives_up_clearly(cpu_engine):
-    greedy = cpu_engine.generate(P(num_samples=1, top_k=1, seed=0))[0]
-    if greedy.in_training_data:  # greedy decoding always gives the same (known) name
-        with pytest.raises(GenerationError, match="only_new"):
-            cpu_engine.generate(P(num_samples=2, top_k=1, seed=0, only_new=True))
+    # "emma" cut at 4 characters is the only name that can come out, and a training name.
+    assert cpu_engine.generate(P(num_samples=3, seed=0, prefix="emma", max_length=4))[0].in_training_data
+    with pytest.raises(GenerationError, match="only_new: found 0 of 2 new names .*raise temperature or top_k"):
+        cpu_engine.generate(P(num_samples=2, seed=0, prefix="emma", max_length=4, only_new=True))
+
+
+def test_rows_wanted_sizes_each_draw(cpu_engine):
+    plain = cpu_engine.request(P(num_samples=20_000, seed=1))
+    assert plain.rows_wanted(16_384) == 16_384 and plain.rows_wanted(16_384, owed=64) == 64
+    new = cpu_engine.request(P(num_samples=20_000, seed=1, only_new=True))
+    assert new.rows_wanted(4096, owed=64) == 104  # a stream's chunk of 64: 1.5x as many, + 8
+    assert new.rows_wanted(16_384) == ONLY_NEW_PROBE  # the first draws stop at the probe
 
 
 def test_only_new_hopeless_request_stops_early(cpu_engine):
-    from service.engine import ONLY_NEW_PROBE
-
     # "emma" cut at 4 characters is a training name, and no other name can come out: 0% new. The budget
     # would allow 100 draws per name (500,000 here); the request stops at the probe instead.
     with pytest.raises(GenerationError, match=f"found 0 of 5000 new names in {ONLY_NEW_PROBE} draws"):

@@ -100,7 +100,7 @@ def test_score(stub, checkpoint):
 
 
 def test_model_info(stub, model_dir):
-    from trainer.checkpoint import file_sha256
+    from data.names import sha256_of
 
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.vocab.startswith(".") and len(info.vocab) > 20
@@ -109,7 +109,7 @@ def test_model_info(stub, model_dir):
     assert "val_loss" in info.metrics
     assert info.max_samples == 200_000 and info.max_length_limit == 64
     if (model_dir / "model.pt").is_file():
-        assert info.checkpoint_sha256 == file_sha256(model_dir / "model.pt")
+        assert info.checkpoint_sha256 == sha256_of(model_dir / "model.pt")
 
 
 def test_health_and_reflection(channel):
@@ -223,7 +223,8 @@ def test_score_invalid_argument(stub, channel, names):
     assert_healthy(channel, stub)
 
 
-@pytest.mark.parametrize("method, streaming", [("Generate", False), ("GenerateStream", True), ("Score", False)])
+@pytest.mark.parametrize("method, streaming", [("Generate", False), ("GenerateStream", True), ("Score", False),
+                                               ("GetModelInfo", False)])
 def test_undecodable_request_is_invalid_argument(channel, stub, method, streaming):
     # What a broken or mismatched client sends: bytes that aren't the message (grpc alone says UNKNOWN).
     kind = channel.unary_stream if streaming else channel.unary_unary
@@ -243,16 +244,27 @@ def test_only_new_impossible_is_failed_precondition(stub, channel):
     assert_healthy(channel, stub)
 
 
-def test_deadline_exceeded(stub, channel):
+def test_deadline_exceeded(server, stub, channel):
     # 200k names take seconds; a 20 ms deadline passes long before. The server drops the work.
+    ended = ('namegen_requests_total{code="CANCELLED",method="Generate"}',
+             'namegen_requests_total{code="DEADLINE_EXCEEDED",method="Generate"}')
+    rows0, n0 = scrape(server, "namegen_batch_rows_sum"), sum(scrape(server, m) for m in ended)
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(pb.GenerateRequest(num_samples=200_000, seed=1), timeout=0.02)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while sum(scrape(server, m) for m in ended) == n0 and time.monotonic() < deadline:  # the server saw it
+        time.sleep(0.05)
+    assert sum(scrape(server, m) for m in ended) == n0 + 1
+    rows = scrape(server, "namegen_batch_rows_sum") - rows0
+    for i in range(20):  # each gives the worker a round, in which a live job would draw ~511 rows more
+        gen(stub, num_samples=1, seed=i)
+    assert scrape(server, "namegen_batch_rows_sum") - rows0 <= rows + 20 + 4096  # + a chunk that was in flight
     assert_healthy(channel, stub)
 
 
 def test_overload_gives_resource_exhausted(model_dir):
-    s = start_server(model_dir, "--max-queue", 2, "--max-batch-rows", 64, "--max-streams", 1)
+    s = start_server(model_dir, "--max-queue", 2, "--max-batch-rows", 64, "--max-streams", 1, "--max-queue-names", 30_000)
     try:
         with grpc.insecure_channel(s.target) as ch:
             st = pb_grpc.NameGeneratorStub(ch)
@@ -270,6 +282,18 @@ def test_overload_gives_resource_exhausted(model_dir):
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
             assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert_healthy(ch, st)
+
+            # A unary Generate holds all its names until it replies, though it is drawn in chunks: two of
+            # 20,000 at once don't fit in 30,000 (counting its first chunk alone, both would).
+            codes, details = [], []
+            for f in [st.Generate.future(pb.GenerateRequest(num_samples=20_000, seed=i), timeout=120) for i in (1, 2)]:
+                try:
+                    codes.append(len(f.result().samples))
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+                    details.append(e.details())
+            assert sorted(codes, key=str) == sorted([20_000, grpc.StatusCode.RESOURCE_EXHAUSTED], key=str), codes
+            assert "names pending" in details[0]
 
             # --max-streams 1: a stream being served (its client reads nothing more) turns a second away.
             big = pb.GenerateRequest(num_samples=1_000_000, chunk_size=1000, seed=1)
@@ -376,7 +400,7 @@ def test_sigterm_drains_in_flight_stream(model_dir, loop):
 
 @pytest.mark.parametrize("flag, value", [("--threads", -1), ("--max-batch-rows", -5), ("--max-queue", 0),
                                          ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x"),
-                                         ("--event-loop", "trio")])
+                                         ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1)])
 def test_bad_server_flags_are_usage_errors(flag, value, capsys):
     from service.server import parse_args
 
@@ -535,6 +559,27 @@ def test_batcher_drops_cancelled_work(engine):
     asyncio.run(main())
 
 
+def test_batcher_bug_fails_the_run_in_hand(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+
+    class Broken(CountingEngine):
+        def run(self, parts):
+            return None  # a bug between the model run and handing out the names
+
+    async def main():
+        b = Batcher(Broken(engine), max_wait_ms=0, inline_rows=0)  # inline_rows 0: through the worker
+        b.start()
+        req = engine.request(GenerateParams(num_samples=5, seed=1), 100)
+        with pytest.raises(RuntimeError, match="internal batching error"):
+            await asyncio.wait_for(b.submit(req, 5), 30)  # failed, not left waiting
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_batcher_slot_counts_towards_the_queue(engine):
     from service.batcher import Batcher, QueueFull
 
@@ -595,6 +640,29 @@ def test_score_in_several_engine_calls(stub, engine):
     r = stub.Score(pb.ScoreRequest(names=names), timeout=60)
     assert [s.name for s in r.scores] == names
     assert [s.logprob for s in r.scores] == pytest.approx([t for t, _ in engine.score(names)], abs=1e-5)
+
+    import asyncio
+
+    from service.batcher import Batcher
+
+    class Counting(CountingEngine):
+        calls = []
+
+        def score(self, piece, checked=False):
+            self.calls.append(sum(len(w) + 1 for w in piece))
+            return self.engine.score(piece, checked)
+
+    async def main():
+        b = Batcher(counting)
+        try:
+            return await b.score(names)
+        finally:
+            await b.close()
+
+    counting = Counting(engine)
+    scores = asyncio.run(main())
+    assert len(counting.calls) >= 3 and max(counting.calls) <= SCORE_PIECE_CHARS
+    assert scores == engine.score(names)
 
 
 def test_score_load_is_bounded(stub, channel):

@@ -122,6 +122,17 @@ def test_train_cli_writes_artifacts_and_every_plot(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
 
 
+@pytest.mark.parametrize("flag, value", [("--batch-size", "1"), ("--steps", "0"), ("--lr", "nan"), ("--lr", "-0.1"),
+                                         ("--ema", "1"), ("--dropout", "1.5"), ("--decay-at", "2"),
+                                         ("--n-layers", "0"), ("--optimizer", "adam")])
+def test_train_cli_bad_settings_are_usage_errors(flag, value, capsys):
+    from trainer.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value, "--no-plots"])  # rejected before any training
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
 def test_calibrate_batchnorm_sets_exact_statistics():
     from trainer.train import calibrate_batchnorm
 

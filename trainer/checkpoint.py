@@ -1,5 +1,4 @@
 """The checkpoint is the single source of truth: weights + model config + vocabulary + metrics + data."""
-import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,7 +42,3 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: not a readable namegen checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     model.eval()
     return model, vocab, ckpt
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

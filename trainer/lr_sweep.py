@@ -11,7 +11,7 @@ import torch
 from data.names import DataError, load_words, resolve_data_path
 from trainer.dataset import Vocab, build_examples, split_words
 from trainer.model import MLP, ModelConfig
-from trainer.plots import moving_average, plot_lr_sweep
+from trainer.plots import SWEEP_SMOOTH, plot_lr_sweep, smooth_sweep
 
 DIVERGED = 4.0  # stop once the loss exceeds this multiple of the lowest loss so far
 # The minimum of the smoothed sweep loss marks lrs already near the edge of stability, so we train
@@ -21,9 +21,9 @@ DIVERGED = 4.0  # stop once the loss exceeds this multiple of the lowest loss so
 BACKOFF = 3.0
 
 
-def suggest_lr(lrs, losses, smooth_frac=0.05):
+def suggest_lr(lrs, losses, smooth_frac=SWEEP_SMOOTH):
     """lr at the minimum of the moving-average loss (window smooth_frac of the sweep), divided by BACKOFF."""
-    smooth = moving_average(losses, max(1, round(len(losses) * smooth_frac)))
+    smooth = smooth_sweep(losses, smooth_frac)
     return lrs[int(smooth.argmin())] / BACKOFF
 
 

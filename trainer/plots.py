@@ -49,6 +49,14 @@ def moving_average(values, k):
     return (c[hi] - c[lo]) / (hi - lo)
 
 
+SWEEP_SMOOTH = 0.05  # moving-average window of the learning-rate sweep, as a fraction of its steps
+
+
+def smooth_sweep(losses, frac=SWEEP_SMOOTH):
+    """The lr sweep's losses smoothed: the curve that lr_sweep.suggest_lr and the plot both read."""
+    return moving_average(losses, max(1, round(len(losses) * frac)))
+
+
 def _hist_line(ax, t, label, bins=50):
     """Line histogram (density) of a tensor, like the lecture's plt.plot(hx[:-1], hy)."""
     hy, hx = torch.histogram(t.detach().float().flatten(), bins=bins, density=True)
@@ -212,7 +220,7 @@ def plot_lr_sweep(lrs, losses, path, suggested=None):
     """Minibatch loss vs log10(lr) of an exponential sweep: raw points light, smoothed curve on top."""
     x = np.log10(np.asarray(lrs, dtype=np.float64))
     y = np.asarray(losses, dtype=np.float64)
-    smooth = moving_average(y, max(1, round(len(y) / 20)))  # as in lr_sweep.suggest_lr
+    smooth = smooth_sweep(y)
     fig, ax = _new_axes("learning-rate sweep (one SGD step per lr)", "log10(learning rate)", "minibatch loss",
                         figsize=(10, 5.5))
     ax.plot(x, y, ".", alpha=0.25, color="tab:blue", label="minibatch loss")

@@ -17,9 +17,10 @@ positions after the end hold 0. uniforms needs max_tokens + 1 columns for the fo
 Filters select by thresholds, not sorted positions, so ties and sort order can't make torch and ONNX differ.
 
 Why float64: torch and ONNX Runtime round float32 matrix products differently (~1e-7), and a uniform that
-close to a CDF boundary picks another token (about one name in 20,000). The compiled sampler runs unfiltered
-rows in float32 and redoes in float64 every row whose uniform came near a boundary (export/sampler_graph.py), so it
-matches this float64 definition exactly.
+close to a CDF boundary picks another token (about one name in 20,000). The compiled sampler runs every row in
+float32, checks in float64 each step whose uniform (or a filter's threshold) came near a boundary, and samples
+again in float64 the rows where that check disagrees (export/sampler_graph.py), so it matches this float64
+definition exactly.
 """
 import copy
 

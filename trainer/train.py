@@ -181,6 +181,33 @@ def calibrate_batchnorm(model, X, batch=65536):
         x = module(x)
 
 
+CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("step", "cosine")}
+
+
+def config_error(mc, tc):
+    """The first problem with a model config and recipe (flags override them), as a message, or None."""
+    for name, v in {"block_size": mc.block_size, "n_embd": mc.n_embd, "n_hidden": mc.n_hidden,
+                    "n_layers": mc.n_layers, "steps": tc.steps, "eval_every": tc.eval_every,
+                    "record_every": tc.record_every}.items():
+        if v < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {v}"
+    if tc.batch_size < 2:
+        return f"--batch-size must be >= 2 (BatchNorm needs a batch), got {tc.batch_size}"
+    ranges = {
+        "lr": (tc.lr, "> 0", lambda x: 0 < x < math.inf),
+        "lr_final": (tc.lr_final, ">= 0", lambda x: 0 <= x < math.inf),
+        "decay_at": (tc.decay_at, "in [0, 1]", lambda x: 0 <= x <= 1),
+        "warmup": (tc.warmup, ">= 0", lambda x: x >= 0),
+        "weight_decay": (tc.weight_decay, ">= 0", lambda x: 0 <= x < math.inf),
+        "ema": (tc.ema, "in [0, 1)", lambda x: 0 <= x < 1),
+        "dropout": (mc.dropout, "in [0, 1)", lambda x: 0 <= x < 1),
+    }
+    for name, (v, want, ok) in ranges.items():
+        if not ok(v):  # NaN fails every comparison, so it lands here too
+            return f"--{name.replace('_', '-')} must be {want}, got {v}"
+    return None
+
+
 def mark_samples(names, splits):
     where = {w: "train" for w in splits["train"]}
     where.update({w: "val/test" for w in splits["val"] + splits["test"]})
@@ -188,7 +215,8 @@ def mark_samples(names, splits):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="word list, one per line (default: names.txt, checksum-verified)")
     p.add_argument("--preset", default="baseline", choices=sorted(PRESETS), help="model + recipe preset")
     p.add_argument("--out-dir", default="artifacts", help="where model.pt, metrics.json and plots/ go")
@@ -201,6 +229,8 @@ def main(argv=None):
         for f in fields(cls):
             if f.name != "vocab_size":  # derived from the data
                 kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
+                if f.name in CHOICES:
+                    kind["choices"] = CHOICES[f.name]
                 p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{what}: override {f.name}", **kind)
     args = p.parse_args(argv)
 
@@ -217,6 +247,8 @@ def main(argv=None):
     given = lambda cfg: {f.name: v for f in fields(cfg) if (v := getattr(args, f.name, None)) is not None}  # noqa: E731
     mc = replace(mc, **given(mc), vocab_size=vocab.size)
     tc = replace(tc, **given(tc))
+    if (problem := config_error(mc, tc)) is not None:
+        p.error(problem)
     # Small batches gain nothing from a second thread (0.6 ms/step either way on 2 idle cores) and lose a
     # lot when the cores are shared; larger batches use torch's default.
     threads = args.threads or (1 if tc.batch_size <= 64 else torch.get_num_threads())

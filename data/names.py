@@ -6,6 +6,7 @@ download in data/names.txt, else download it, and always check its sha256.
 """
 import hashlib
 import os
+import unicodedata
 import urllib.request
 from pathlib import Path
 
@@ -76,27 +77,35 @@ def resolve_data_path(path=None):
     if path is None:
         return default_names_path()
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"--data {path}: is a directory; give a word list file")
     if not p.is_file():
         raise DataError(f"--data {path}: no such file")
     return p
 
 
 def load_words(path):
-    """One word per line (makemore's contract). Blank lines are skipped, surrounding whitespace stripped."""
+    """One word per line (makemore's contract). Blank lines are skipped, surrounding whitespace stripped,
+    a leading byte-order mark dropped."""
     raw = Path(path).read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start}, line {line}); re-encode the file as UTF-8") from None
-    words = [w.strip() for w in text.splitlines()]
-    words = [w for w in words if w]
-    if not words:
+    numbered = [(i, w.strip()) for i, w in enumerate(text.splitlines(), 1)]
+    numbered = [(i, w) for i, w in numbered if w]
+    if not numbered:
         raise DataError(f"{path}: no words (the file is empty or blank); give one word per line")
-    for w in words:
+    for i, w in numbered:
         if END in w:
-            raise DataError(f"{path}: word {w!r} contains {END!r}, which is reserved as the start/end token")
-    return words
+            raise DataError(f"{path}: line {i}: word {w!r} contains {END!r}, which is reserved as the start/end token")
+        # Control characters (NUL, tab, escapes) are no letters, and the service decodes the end token as NUL.
+        bad = sorted({c for c in w if unicodedata.category(c) == "Cc"})
+        if bad:
+            raise DataError(f"{path}: line {i}: word {w!r} contains control characters {''.join(bad)!r}; "
+                            "give one plain word per line")
+    return [w for _, w in numbered]
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def metadata(ckpt, sha):
 
 def export(checkpoint, out_dir):
     model, vocab, ckpt = load_checkpoint(checkpoint)
+    if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise CheckpointError(f"{checkpoint}: weights that are NaN or infinite (the training diverged); "
+                              "train again, e.g. with a lower --lr")
     folded = fold_for_export(model)  # float64; each graph casts to its own dtype
     val = split_words(ckpt["words"], ckpt["split_seed"])["val"]
     Xva, _ = build_examples(val, vocab, model.cfg.block_size)
@@ -60,16 +63,21 @@ def export(checkpoint, out_dir):
     sha = sha256_of(checkpoint)
     meta = metadata(ckpt, sha)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = out / "model.onnx", out / "sampler.onnx"
     for path, build in zip(paths, (build_logits_model, build_sampler_model)):
-        onnx.save(build(folded, model.cfg.block_size, meta), path)
+        graph = build(folded, model.cfg.block_size, meta)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            onnx.save(graph, path)
+        except OSError as e:
+            raise RuntimeError(f"--out-dir {out}: cannot write {path.name} there ({e.strerror or e})") from None
         onnx.checker.check_model(str(path), full_check=True)
     return ExportReport(str(checkpoint), sha, diff, len(Xva), str(paths[0]), str(paths[1]), OPSET, logit_shift(folded))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m export.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="artifacts/model.pt", help="trained checkpoint (make train)")
     p.add_argument("--out-dir", default="artifacts", help="where model.onnx and sampler.onnx go")
     args = p.parse_args(argv)

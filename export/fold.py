@@ -4,6 +4,7 @@ In eval mode BatchNorm is an affine map per feature: y = (x - mean) / sqrt(var +
 After a Linear (x W^T) that is again a Linear: W' = W * s[:, None], b' = beta - mean * s, s = gamma / sqrt(var + eps).
 """
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -61,8 +62,12 @@ def folded_logit_error(model, folded, X):
 
 @torch.no_grad()
 def max_logit_diff(a, b, X, batch=65536):
-    """Max |a(X) - b(X)| over all rows of X (both models in eval mode)."""
+    """Max |a(X) - b(X)| over all rows of X (both models in eval mode); inf if any logit isn't finite
+    (Python's max would pass a NaN over)."""
     worst = 0.0
     for i in range(0, len(X), batch):
-        worst = max(worst, (a(X[i : i + batch]) - b(X[i : i + batch])).abs().max().item())
+        d = (a(X[i : i + batch]) - b(X[i : i + batch])).abs().max().item()
+        if not math.isfinite(d):
+            return math.inf
+        worst = max(worst, d)
     return worst

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from data.names import NAMES_SHA256, DataError, default_names_path, load_words, resolve_data_path, sha256_of
+from trainer.dataset import split_words
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,9 @@ def test_names_txt_env_missing(monkeypatch, tmp_path):
         (b"", "no words"),
         (b"\n  \n\t\n", "no words"),
         (b"emma\n\xff\xfeolivia\n", "not valid UTF-8.*line 2"),
-        (b"emma\nst.john\n", "reserved"),
+        (b"emma\nst.john\n", "line 2: .*reserved"),
+        (b"emma\nno\x00ra\n", "line 2: .*control characters '\\\\x00'"),
+        (b"emma\nno\tra\n", "control characters"),
     ],
 )
 def test_bad_word_lists(tmp_path, content, match):
@@ -48,16 +51,24 @@ def test_bad_word_lists(tmp_path, content, match):
 
 def test_other_word_list_and_blank_lines(tmp_path):
     f = tmp_path / "words.txt"
-    f.write_text("zoë\n\n  ana \n")
+    f.write_text("\ufeffzoë\r\n\r\n  ana \r\n")  # as a Windows editor saves it: byte-order mark, CRLF
     assert load_words(f) == ["zoë", "ana"]
 
 
-def test_missing_data_path():
+def test_missing_data_path(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         resolve_data_path("/nonexistent/words.txt")
+    with pytest.raises(DataError, match="is a directory"):
+        resolve_data_path(tmp_path)
 
 
-@pytest.mark.parametrize("content", [None, b"", b"\xff\xff\n"])
+def test_too_few_words_for_a_split():
+    with pytest.raises(DataError, match=r"3 words are too few .*\(val would be empty\)"):
+        split_words(["ann", "bo", "cy"])
+    assert [len(v) for v in split_words([str(i) for i in range(10)]).values()] == [8, 1, 1]
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\xff\xff\n", b"ann\nbo\ncy\n"])
 def test_train_cli_bad_data_one_line_error(tmp_path, content):
     path = tmp_path / "words.txt"
     if content is not None:

@@ -37,6 +37,26 @@ def test_fold_deep_model_with_nontrivial_statistics():
     assert not m.training  # folding doesn't change the model's mode
 
 
+def test_export_refuses_a_diverged_checkpoint_and_an_unwritable_folder(tiny_model_dir, tmp_path):
+    from export.export import export
+    from trainer.checkpoint import CheckpointError
+
+    ckpt = torch.load(tiny_model_dir / "model.pt", weights_only=True)
+    ckpt["state_dict"]["lm_head.weight"][0, 0] = float("nan")  # what a run at too high a learning rate leaves
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        export(tmp_path / "nan.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    m = MLP(ModelConfig(n_hidden=8)).eval()
+    broken = copy.deepcopy(m)
+    broken.lm_head.bias.data[0] = float("nan")
+    assert max_logit_diff(m, broken, torch.zeros(4, 3, dtype=torch.long)) == float("inf")  # not passed over
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RuntimeError, match="cannot write model.onnx"):
+        export(tiny_model_dir / "model.pt", tmp_path / "file" / "sub")
+
+
 def test_onnx_artifacts_and_metadata(tiny_model_dir, tiny_checkpoint):
     model, vocab, ckpt = tiny_checkpoint
     for name in ("model.onnx", "sampler.onnx"):

@@ -85,6 +85,20 @@ def test_short_training_beats_bigram(tiny_model_dir):
     assert m["steps"] == 3000 and m["train_seconds"] > 0
 
 
+def test_short_run_with_ema_saves_trained_weights(vocab, splits):
+    from trainer.train import TrainConfig, evaluate, train
+
+    xy = {k: build_examples(splits[k][:2000], vocab, 3) for k in ("train", "val")}
+    losses = {}
+    for ema in (0.0, 0.9999):  # the baseline's decay, over a run of 300 steps
+        torch.manual_seed(0)
+        model = MLP(ModelConfig(n_hidden=64))
+        train(model, xy, TrainConfig(steps=300, ema=ema, eval_every=300, record_every=100), progress=False)
+        losses[ema] = evaluate(model, *xy["val"])
+    assert losses[0.0] < 2.8  # trained, well below log(27) = 3.30
+    assert losses[0.9999] < losses[0.0] + 0.05, losses  # the average is of trained weights, not of the init
+
+
 def test_checkpoint_round_trip(tiny_model_dir, tiny_checkpoint, splits):
     from trainer.train import evaluate
 
@@ -124,13 +138,22 @@ def test_train_cli_writes_artifacts_and_every_plot(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "1"), ("--steps", "0"), ("--lr", "nan"), ("--lr", "-0.1"),
                                          ("--ema", "1"), ("--dropout", "1.5"), ("--decay-at", "2"),
-                                         ("--n-layers", "0"), ("--optimizer", "adam")])
+                                         ("--n-layers", "0"), ("--optimizer", "adam"), ("--threads", "-1")])
 def test_train_cli_bad_settings_are_usage_errors(flag, value, capsys):
     from trainer.train import main
 
     with pytest.raises(SystemExit) as exc:
         main([flag, value, "--no-plots"])  # rejected before any training
     assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_train_cli_unwritable_out_dir_fails_before_training(tmp_path, capsys):
+    from trainer.train import main
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="--out-dir .*cannot write there"):
+        main(["--out-dir", str(tmp_path / "file" / "sub"), "--no-plots", "--no-progress"])
+    assert "bigram baseline" not in capsys.readouterr().out  # nothing was computed yet
 
 
 def test_calibrate_batchnorm_sets_exact_statistics():

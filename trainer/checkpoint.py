@@ -39,6 +39,9 @@ def load_checkpoint(path):
         model.load_state_dict(ckpt["state_dict"])
         vocab = Vocab(ckpt["vocab"])
     except Exception as e:  # torch raises many types for a damaged file; all mean the same to the user
-        raise CheckpointError(f"{path}: not a readable namegen checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        if "weights_only" in str(e) or "Weights only" in str(e):  # not torch's advice to load it unsafely
+            detail = "torch.load(weights_only=True) found more than plain tensors and settings"
+        raise CheckpointError(f"{path}: not a readable namegen checkpoint ({type(e).__name__}: {detail})") from None
     model.eval()
     return model, vocab, ckpt

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data.names import END
+from data.names import END, DataError
 
 
 @dataclass
@@ -43,7 +43,12 @@ def split_words(words, seed=42):
     words = list(words)
     random.Random(seed).shuffle(words)  # same permutation as random.seed(seed); random.shuffle(words)
     n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
-    return {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
+    splits = {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
+    empty = [k for k, v in splits.items() if not v]
+    if empty:
+        raise DataError(f"{len(words)} words are too few for an 80/10/10 train/val/test split ({' and '.join(empty)} "
+                        "would be empty); give at least 10")
+    return splits
 
 
 def build_examples(words, vocab, block_size):

@@ -16,7 +16,7 @@ LOAD_ARGS ?= --concurrency 1,8,64 --duration 10 --procs 2
 PYTEST_ARGS ?=
 STUBS := service/namegen_pb/namegen_pb2_grpc.py
 
-.PHONY: help venv data proto train export verify bench lr-sweep serve client load test test-all clean distclean
+.PHONY: help venv data proto train export verify bench lr-sweep serve load test test-all clean distclean
 
 help:
 	@echo "make train export   train the model (PRESET=baseline|better) and compile it to ONNX"

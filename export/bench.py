@@ -108,7 +108,8 @@ def summarize(rounds, plan, engines, n_rounds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="artifacts", help="folder with model.pt and the ONNX artifacts")
     p.add_argument("--batch-sizes", default="1,64,4096,65536", help="comma-separated batch sizes")
     p.add_argument("--min-seconds", type=float, default=1.0, help="time each measurement at least this long")

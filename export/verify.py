@@ -71,7 +71,8 @@ def names_parity(model, vocab, words, engine, names_per_setting, seeds=(0, 1, 2,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m export.verify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="artifacts", help="folder with model.pt, model.onnx, sampler.onnx")
     p.add_argument("--names-per-setting", type=int, default=300, help="names per grid setting (36 settings)")
     p.add_argument("--providers", default="cpu,cuda", help="providers to check; cuda is skipped where it can't load")

@@ -9,8 +9,10 @@ RPC errors and unusable options print `error: ...` on stderr and exit 1 (no trac
 """
 import argparse
 import json
+import math
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -32,12 +34,24 @@ class UsageError(Exception):
     """An option the request can't carry, or an output file that can't be written."""
 
 
+def _utf8(value, flag):
+    """A command-line string as the request will carry it: undecodable bytes (which Python keeps as
+    surrogates) are a usage error, not a traceback from protobuf or grpc."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{flag} {value.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8 text") from None
+    return value
+
+
 def request_of(args):
     """GenerateRequest with only the options given on the command line set (the rest: server defaults).
     The server validates the values; here only what the message's field types can't hold is refused."""
     req = pb.GenerateRequest()
     for field in ("num_samples", "temperature", "top_k", "top_p", "seed", "prefix", "max_length", "chunk_size"):
         value = getattr(args, field, None)
+        if isinstance(value, str):
+            value = _utf8(value, f"--{field.replace('_', '-')}")
         if value is not None:
             try:
                 setattr(req, field, value)
@@ -64,12 +78,21 @@ def cmd_generate(stub, args):
 
 def cmd_stream(stub, args):
     req = request_of(args)
-    try:
-        out = open(args.out, "w") if args.out else sys.stdout
-    except OSError as e:
-        raise UsageError(f"--out {args.out}: cannot write ({e.strerror})") from None
+    out, part = sys.stdout, None
+    if args.out is not None:
+        # Written to a side file and renamed at the end: a request that fails (a bad option, a dropped
+        # connection) leaves an existing --out file as it was.
+        target = Path(_utf8(args.out, "--out"))
+        if not args.out or target.is_dir():
+            raise UsageError(f"--out {args.out!r}: give a file name")
+        part = target.with_name(f".{target.name}.part")
+        try:
+            out = open(part, "w")
+        except OSError as e:
+            raise UsageError(f"--out {args.out}: cannot write ({e.strerror})") from None
     n, chunks, seed, t0 = 0, 0, None, time.perf_counter()
     progress = sys.stderr.isatty()  # a live progress line for people; logs get the summary only
+    done = False
     try:
         for resp in stub.GenerateStream(req, timeout=args.timeout):
             out.write("\n".join(s.name for s in resp.samples))
@@ -80,9 +103,14 @@ def cmd_stream(stub, args):
             if progress:
                 rate = n / max(time.perf_counter() - t0, 1e-9)
                 print(f"\r{n:,}/{args.num_samples:,} names, {rate:,.0f} names/s", end="", file=sys.stderr, flush=True)
+        done = True
     finally:
-        if out is not sys.stdout:
+        if part is not None:
             out.close()
+            if done:
+                part.replace(target)
+            else:
+                part.unlink(missing_ok=True)
     dt = time.perf_counter() - t0
     if progress:
         print(file=sys.stderr)
@@ -90,7 +118,8 @@ def cmd_stream(stub, args):
 
 
 def cmd_score(stub, args):
-    resp = stub.Score(pb.ScoreRequest(names=args.names), timeout=_timeout(args))
+    names = [_utf8(w, "name") for w in args.names]
+    resp = stub.Score(pb.ScoreRequest(names=names), timeout=_timeout(args))
     width = max(len(s.name) for s in resp.scores)
     for s in resp.scores:
         per = " ".join(f"{c}:{lp:.2f}" for c, lp in zip(s.name + ".", s.char_logprobs))
@@ -160,7 +189,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with grpc.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
+        if args.timeout is not None and not 0 < args.timeout < math.inf:  # NaN fails too
+            raise UsageError(f"--timeout {args.timeout}: give a finite number of seconds > 0")
+        with grpc.insecure_channel(_utf8(args.target, "--target"), options=CHANNEL_OPTIONS) as channel:
             args.func(pb_grpc.NameGeneratorStub(channel), args)
     except grpc.RpcError as e:
         hint = " (raise --timeout)" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ""

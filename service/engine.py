@@ -86,6 +86,22 @@ class Request:
         return max(1, min(math.ceil(owed * 1.5) + 8, cap, limit - self.drawn))
 
 
+SAMPLER_INPUTS = frozenset({"context", "uniforms", "temperature", "top_k", "top_p", "max_tokens"})
+
+
+def _check_pair(sampler, sampler_path, meta, logits_model, logits_path):
+    """ModelFileError unless the two files are a sampler and a logits graph exported from one checkpoint
+    (files from two exports, or one copied over the other, would otherwise fail only at warm-up)."""
+    if {i.name for i in sampler.get_inputs()} != SAMPLER_INPUTS:
+        raise ModelFileError(f"{sampler_path}: not a namegen sampler graph; run `make export`")
+    if [i.name for i in logits_model.get_inputs()] != ["context"]:
+        raise ModelFileError(f"{logits_path}: not a namegen logits graph; run `make export`")
+    other = read_metadata(logits_model, logits_path).get("checkpoint_sha256")
+    if other != meta.get("checkpoint_sha256"):
+        raise ModelFileError(f"{sampler_path} and {logits_path} were exported from different checkpoints; "
+                             "run `make export` again")
+
+
 class Engine:
     """threads: CPU threads for one run (0 = one per core). A run of at least 2 x MIN_SHARD_ROWS rows is
     split into contiguous row shards sampled at once, each thread on its own single-threaded session (see
@@ -106,6 +122,7 @@ class Engine:
         self._shard_sessions = [self.sampler] + [make_session(sampler_path, "cpu")[0] for _ in range(self.threads - 1)]
         self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="shard") if self.threads > 1 else None
         meta = read_metadata(self.sampler, sampler_path)
+        _check_pair(self.sampler, sampler_path, meta, self.logits_model, logits_path)
         self.itos = meta["vocab"]
         self.block_size = int(meta["block_size"])
         self.stoi = {c: i for i, c in enumerate(self.itos)}

@@ -80,7 +80,7 @@ def ensure():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m service.gen_proto", description=__doc__.split("\n")[0])
     ap.add_argument("--force", action="store_true", help="regenerate even if the stubs are current")
     args = ap.parse_args(argv)
     if args.force or stale():

@@ -16,7 +16,9 @@ import asyncio
 import collections
 import ipaddress
 import json
+import math
 import multiprocessing
+import os
 import sys
 import threading
 import time
@@ -47,6 +49,8 @@ def channel_target(targets):
             raise SystemExit(f"error: target {t!r}: use a loopback IP address (127.0.0.1)") from None
         if not ip.is_loopback:
             raise SystemExit(f"error: target {t!r} is not a loopback address; this tool only loads a local server")
+        if not 1 <= int(port) <= 65535:
+            raise SystemExit(f"error: target {t!r}: port must be in [1, 65535]")
         hosts.append((ip, int(port)))
     if len(hosts) == 1:
         ip, port = hosts[0]
@@ -64,6 +68,7 @@ class Tally:
         self.win_end = self.win_start + cfg["duration"]
         self.quota = quota
         self.lat, self.errors, self.names, self.started = [], collections.Counter(), 0, 0
+        self.details = {}  # status code -> the first error message seen with it
         self.last_end = self.win_start
         base = dict(num_samples=cfg["names"], max_length=cfg["max_length"])
         if cfg["rpc"] == "stream":
@@ -83,7 +88,7 @@ class Tally:
         self.started += counted
         return self.fixed or pb.GenerateRequest(seed=next(self.seq), **self.base), counted
 
-    def record(self, counted, seconds, names, code):
+    def record(self, counted, seconds, names, code, detail=None):
         if not counted:
             return
         self.last_end = max(self.last_end, time.monotonic())
@@ -92,11 +97,12 @@ class Tally:
             self.names += names
         else:
             self.errors[code] += 1
+            self.details.setdefault(code, detail)
 
     def result(self):
         # A step that ended by --requests is shorter than --duration: rates use the time actually used.
         span = min(self.last_end, self.win_end) - self.win_start
-        return {"lat": self.lat, "errors": dict(self.errors), "names": self.names, "span": span}
+        return {"lat": self.lat, "errors": dict(self.errors), "details": self.details, "names": self.names, "span": span}
 
 
 def _options(cfg):
@@ -121,7 +127,7 @@ async def _run_aio(cfg, concurrency, quota, t_start):
             while (item := tally.next()) is not None:
                 req, counted = item
                 t0 = time.perf_counter()
-                n, code = 0, None
+                n, code, detail = 0, None, None
                 try:
                     if cfg["rpc"] == "stream":
                         async for resp in stream(req, timeout=timeout):
@@ -129,8 +135,8 @@ async def _run_aio(cfg, concurrency, quota, t_start):
                     else:
                         n = len((await generate(req, timeout=timeout)).samples)
                 except grpc.aio.AioRpcError as e:
-                    code = e.code().name
-                tally.record(counted, time.perf_counter() - t0, n, code)
+                    code, detail = e.code().name, e.details()
+                tally.record(counted, time.perf_counter() - t0, n, code, detail)
 
         await asyncio.sleep(max(0.0, t_start - time.monotonic()))  # all processes start together
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -158,17 +164,17 @@ def _run_sync(cfg, concurrency, quota, t_start):
                     return
                 req, counted = item
                 t0 = time.perf_counter()
-                n, code = 0, None
+                n, code, detail = 0, None, None
                 try:
                     if cfg["rpc"] == "stream":
                         n = sum(len(resp.samples) for resp in stream(req, timeout=timeout))
                     else:
                         n = len(generate(req, timeout=timeout).samples)
                 except grpc.RpcError as e:
-                    code = e.code().name
+                    code, detail = e.code().name, e.details()
                 dt = time.perf_counter() - t0
                 with lock:
-                    tally.record(counted, dt, n, code)
+                    tally.record(counted, dt, n, code, detail)
 
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
         for t in threads:
@@ -201,9 +207,10 @@ def run_step(cfg, concurrency, pool):
         jobs.append((c, share, quota, t_start))
     results = pool.map(_proc_main, jobs) if pool else [_proc_main(jobs[0])]
     lat = sorted(x for r in results for x in r["lat"])
-    errors = collections.Counter()
+    errors, details = collections.Counter(), {}
     for r in results:
         errors.update(r["errors"])
+        details = {**r.get("details", {}), **details}  # the first process's message for each code
     span = max((r["span"] for r in results), default=0.0) or 1e-9
     n_ok = len(lat)
 
@@ -222,6 +229,7 @@ def run_step(cfg, concurrency, pool):
         "p99_ms": pct(0.99),
         "max_ms": 1000 * lat[-1] if lat else None,
         "errors": dict(errors),
+        "error_details": details,
     }
 
 
@@ -231,7 +239,9 @@ HEADER = f"{'conc':>5} {'requests':>9} {'req/s':>9} {'names/s':>11} {'p50 ms':>8
 def row(s):
     errs = ", ".join(f"{k}={v}" for k, v in sorted(s["errors"].items())) or "-"
     ms = " ".join(f"{'-' if s[k] is None else format(s[k], '.2f'):>8}" for k in ("p50_ms", "p90_ms", "p99_ms"))
-    return f"{s['concurrency']:>5} {s['requests']:>9} {s['rps']:>9.0f} {s['names_per_s']:>11.0f} {ms}  {errs}"
+    line = f"{s['concurrency']:>5} {s['requests']:>9} {s['rps']:>9.0f} {s['names_per_s']:>11.0f} {ms}  {errs}"
+    # Why requests failed: the first message of each status code, on lines of their own.
+    return "\n".join([line] + [f"{'':>6}{k}: {(v or '')[:200]}" for k, v in sorted(s["error_details"].items())])
 
 
 def parse_args(argv=None):
@@ -265,13 +275,21 @@ def parse_args(argv=None):
         ap.error(f"--concurrency: expected integers like 1,8,64, got {args.concurrency!r}")
     if any(not 1 <= c <= MAX_CONCURRENCY for c in args.levels) or not 1 <= args.procs <= 64:
         ap.error(f"--concurrency must be in [1, {MAX_CONCURRENCY}] and --procs in [1, 64]")
-    if args.duration <= 0 or args.names_per_request < 1:
-        ap.error("--duration must be > 0 and --names-per-request >= 1")
+    if not 0 < args.duration < math.inf or not 0 <= args.warmup < math.inf or not 0 < args.timeout < math.inf:
+        ap.error("--duration and --timeout must be finite and > 0, --warmup finite and >= 0")  # NaN fails too
+    int32 = {"names_per_request": 1, "max_length": 1, "chunk_size": 1, "requests": 0}
+    for name, lo in int32.items():  # what the request message (int32 fields) can carry; the server checks the rest
+        if not lo <= getattr(args, name) < 1 << 31:
+            ap.error(f"--{name.replace('_', '-')} must be in [{lo}, 2^31 - 1], got {getattr(args, name)}")
     if args.seed != "per-request":
         try:
             args.seed = int(args.seed)
         except ValueError:
             ap.error("--seed: 'per-request' or an integer")
+        if not 0 <= args.seed < 1 << 64:
+            ap.error(f"--seed must be in [0, 2^64 - 1], got {args.seed}")
+    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        ap.error(f"--json {args.json}: cannot write there")  # found out now, not after the whole run
     return args
 
 

@@ -177,6 +177,22 @@ def test_missing_and_corrupt_model_files(tmp_path, tiny_model_dir):
         Engine(tmp_path, provider="cpu")
 
 
+def test_mismatched_model_files(tmp_path, tiny_model_dir):
+    import json
+
+    import onnx
+
+    (tmp_path / "sampler.onnx").write_bytes((tiny_model_dir / "model.onnx").read_bytes())  # one copied over the other
+    (tmp_path / "model.onnx").write_bytes((tiny_model_dir / "model.onnx").read_bytes())
+    with pytest.raises(ModelFileError, match="sampler.onnx: not a namegen sampler graph"):
+        Engine(tmp_path, provider="cpu")
+    m = onnx.load(tiny_model_dir / "model.onnx")  # from another export: another checkpoint's sha256
+    prop = next(p for p in m.metadata_props if p.key == "namegen")
+    prop.value = json.dumps(dict(json.loads(prop.value), checkpoint_sha256="0" * 64))
+    onnx.save(m, tmp_path / "model.onnx")
+    (tmp_path / "sampler.onnx").write_bytes((tiny_model_dir / "sampler.onnx").read_bytes())
+    with pytest.raises(ModelFileError, match="different checkpoints"):
+        Engine(tmp_path, provider="cpu")
 
 
 def _cuda_available(tiny_model_dir):

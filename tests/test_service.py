@@ -5,6 +5,7 @@ No timing assertions: deadlines and overload are provoked with margins of orders
 import importlib.util
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -400,7 +401,9 @@ def test_sigterm_drains_in_flight_stream(model_dir, loop):
 
 @pytest.mark.parametrize("flag, value", [("--threads", -1), ("--max-batch-rows", -5), ("--max-queue", 0),
                                          ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x"),
-                                         ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1)])
+                                         ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1),
+                                         ("--grace", "nan"), ("--max-wait-ms", 1e9), ("--busy-poll-ms", -1),
+                                         ("--threads", 1000)])
 def test_bad_server_flags_are_usage_errors(flag, value, capsys):
     from service.server import parse_args
 
@@ -448,10 +451,23 @@ def test_client_cli(server):
     (("generate", "--seed", "-5"), "error: --seed -5: out of range"),  # the message's field is uint64
     (("generate", "-n", str(1 << 40)), "error: --num-samples"),
     (("stream", "-n", "3", "--out", "/nonexistent-dir/names.txt"), "error: --out /nonexistent-dir/names.txt: cannot write"),
+    (("stream", "-n", "3", "--out", ""), "error: --out '': give a file name"),
+    (("generate", "--timeout", "nan"), "error: --timeout nan: give a finite number"),
+    (("generate", "--prefix", os.fsdecode(b"\xe9")), "error: --prefix b'\\xe9': not valid UTF-8"),
+    (("score", "emma", os.fsdecode(b"\xe9mma")), "error: name b'\\xe9mma': not valid UTF-8"),
 ])
 def test_client_cli_bad_options(server, args, message):
     r = run_cli("service.client", "--target", server.target, *args)
     assert r.returncode == 1 and r.stderr.startswith(message) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_client_stream_keeps_the_out_file_until_it_succeeds(server, tmp_path):
+    out = tmp_path / "names.txt"
+    out.write_text("keep\n")
+    r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--prefix", "Q", "--out", out)
+    assert r.returncode == 1 and "INVALID_ARGUMENT: prefix" in r.stderr and out.read_text() == "keep\n"
+    r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--seed", "1", "--out", out)
+    assert r.returncode == 0 and len(out.read_text().splitlines()) == 3 and list(tmp_path.iterdir()) == [out]
 
 
 def test_loadtest_cli(server, tmp_path):
@@ -461,6 +477,24 @@ def test_loadtest_cli(server, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     steps = json.loads(out.read_text())["steps"]
     assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)
+
+
+def test_loadtest_reports_why_requests_failed(server):
+    r = run_cli("service.loadtest", "--target", server.target, "--max-length", "65", "--warmup", "0",
+                "--duration", "1", "--requests", "5")
+    assert r.returncode == 1, r.stdout + r.stderr  # nothing succeeded
+    assert "INVALID_ARGUMENT=5" in r.stdout and "INVALID_ARGUMENT: max_length: must be in" in r.stdout
+
+
+@pytest.mark.parametrize("flag, value", [("--duration", "nan"), ("--warmup", "-5"), ("--timeout", "0"), ("--seed", "-1"),
+                                         ("--names-per-request", "99999999999"), ("--requests", "-5"),
+                                         ("--json", "/nonexistent-dir/x.json"), ("--target", "127.0.0.1:99999")])
+def test_loadtest_bad_options(flag, value, capsys):
+    from service.loadtest import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value])
+    assert exc.value.code != 0 and flag.lstrip("-") in capsys.readouterr().err + str(exc.value.code)
 
 
 # ---- the batcher in-process (real engine, no gRPC) ----

@@ -4,6 +4,7 @@ The default data set is names.txt from karpathy/makemore (MIT). It is never comm
 we take $NAMES_TXT, else ../shared/data/names.txt beside the checkout, else a cached
 download in data/names.txt, else download it, and always check its sha256.
 """
+import codecs
 import hashlib
 import os
 import unicodedata
@@ -88,11 +89,13 @@ def load_words(path):
     """One word per line (makemore's contract). Blank lines are skipped, surrounding whitespace stripped,
     a leading byte-order mark dropped."""
     raw = Path(path).read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}, line {line}); re-encode the file as UTF-8") from None
+        at = bom + e.start  # offset in the file
+        line = raw[:at].count(b"\n") + 1
+        raise DataError(f"{path}: not valid UTF-8 (byte {at}, line {line}); re-encode the file as UTF-8") from None
     numbered = [(i, w.strip()) for i, w in enumerate(text.splitlines(), 1)]
     numbered = [(i, w) for i, w in numbered if w]
     if not numbered:

@@ -97,7 +97,7 @@ class Batcher:
         """Stop the worker (after the server has drained); fails whatever is still queued."""
         await self.busy_poll.close()
         await stop_task(self._task)
-        for job in list(self._jobs) + list(self._incoming):
+        for job in [*self._running, *self._jobs, *self._incoming]:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("server is shutting down"))
         self._executor.shutdown(wait=True)
@@ -136,13 +136,15 @@ class Batcher:
     @contextlib.contextmanager
     def reserve(self, names):
         """Admission of a request drawn in several chunks whose names are all held until it ends (a large
-        unary Generate builds one reply): they count towards max_queue_names for its whole life, not a
-        chunk at a time. Its chunks are then submitted as admitted (and counted again while queued)."""
+        unary Generate builds one reply): it counts as one pending request wanting all its names for its
+        whole life, not a chunk at a time. Its chunks are then submitted with reserved=True."""
         self._admit(names)
+        self.pending += 1
         self.pending_names += names
         try:
             yield
         finally:
+            self.pending -= 1
             self.pending_names -= names
 
     async def score(self, names):
@@ -155,16 +157,17 @@ class Batcher:
                 scores += await self.call(self.engine.score, piece, True)
             return scores
 
-    async def submit(self, request, rows, timeout=None, admitted=False):
+    async def submit(self, request, rows, timeout=None, admitted=False, reserved=False):
         """The next `rows` names of `request` (fewer only if the request is done first; a few more
         under only_new, whose draws are sized by the engine).
 
         timeout: seconds the caller will wait (the RPC's remaining deadline), or None.
         admitted: a later chunk of a stream that was let in already; it isn't turned away mid-way.
+        reserved: a chunk of a request that holds a reservation (reserve): admitted and counted there.
         Raises QueueFull, or what engine.run raised for this request (GenerationError, ...).
         """
         want = min(rows, request.remaining)
-        if not admitted:
+        if not (admitted or reserved):
             self._admit(want)
         if self._direct_ok(request, rows):
             return self._run_direct(request, rows)
@@ -173,8 +176,9 @@ class Batcher:
         job = Job(request, want, loop.create_future(), deadline)
         if job.want <= 0:
             return []
-        self.pending += 1
-        self.pending_names += want
+        counted = 0 if reserved else 1
+        self.pending += counted
+        self.pending_names += counted * want
         self._incoming.append(job)
         self._wake.set()
         try:
@@ -182,8 +186,8 @@ class Batcher:
         finally:
             if not job.future.done():
                 job.cancelled = True  # cancelled / deadline: the worker drops it and runs no more for it
-            self.pending -= 1
-            self.pending_names -= want
+            self.pending -= counted
+            self.pending_names -= counted * want
 
     async def _worker(self):
         while True:
@@ -332,9 +336,10 @@ class Batcher:
             if owed <= 0 or req.done:  # nothing more to draw: hand over what it has
                 job.future.set_result(job.samples)
                 continue
-            # The engine sizes the draw (only_new draws extra, since some names are known ones; a
-            # surplus beyond this job's share stays with the job, in order, for the next chunk).
-            n = req.rows_wanted(self.cap - rows, owed)
+            # The engine sizes the draw. only_new draws for the whole request (extra, since some names
+            # are known ones), up to a batch: a stream's small chunks then don't each take a run of
+            # their own; the surplus beyond this job's share stays with the job, in order, for the next chunk.
+            n = req.rows_wanted(self.cap - rows, None if req.params.only_new else owed)
             parts.append((job, n))
             rows += n
         self._jobs = keep

@@ -80,14 +80,17 @@ def cmd_stream(stub, args):
     req = request_of(args)
     out, part = sys.stdout, None
     if args.out is not None:
-        # Written to a side file and renamed at the end: a request that fails (a bad option, a dropped
-        # connection) leaves an existing --out file as it was.
         target = Path(_utf8(args.out, "--out"))
         if not args.out or target.is_dir():
             raise UsageError(f"--out {args.out!r}: give a file name")
-        part = target.with_name(f".{target.name}.part")
+        # A regular file (or a new one) is written aside and renamed at the end, so a request that fails
+        # (a bad option, a dropped connection) leaves an existing file as it was; anything else (/dev/null,
+        # a pipe) is written directly. resolve(): a symlink's file is replaced, not the link.
+        real = target.resolve()
+        if not real.exists() or real.is_file():
+            part = real.with_name(f".{real.name}.part")
         try:
-            out = open(part, "w")
+            out = open(part or target, "w")
         except OSError as e:
             raise UsageError(f"--out {args.out}: cannot write ({e.strerror})") from None
     n, chunks, seed, t0 = 0, 0, None, time.perf_counter()
@@ -105,12 +108,16 @@ def cmd_stream(stub, args):
                 print(f"\r{n:,}/{args.num_samples:,} names, {rate:,.0f} names/s", end="", file=sys.stderr, flush=True)
         done = True
     finally:
-        if part is not None:
+        if out is not sys.stdout:
             out.close()
-            if done:
-                part.replace(target)
-            else:
-                part.unlink(missing_ok=True)
+        if part is not None and not done:
+            part.unlink(missing_ok=True)
+    if part is not None:
+        try:
+            part.replace(real)
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            raise UsageError(f"--out {args.out}: cannot write ({e.strerror})") from None
     dt = time.perf_counter() - t0
     if progress:
         print(file=sys.stderr)

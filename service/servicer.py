@@ -160,7 +160,7 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             else:  # build the message from chunk k while the engine draws chunk k+1; it holds every name
                 resp = pb.GenerateResponse(seed=req.params.seed)
                 with self.batcher.reserve(req.remaining):
-                    async with contextlib.aclosing(self._chunks(req, UNARY_CHUNK, context, admitted=True)) as chunks:
+                    async with contextlib.aclosing(self._chunks(req, UNARY_CHUNK, context, reserved=True)) as chunks:
                         async for out in chunks:
                             add_samples(resp, out)
             self._done("Generate", code, t0, len(resp.samples))
@@ -202,22 +202,23 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             self.streams -= counted
             self._done("GenerateStream", code, t0, sent)
 
-    async def _chunks(self, req, chunk, context, admitted=False):
+    async def _chunks(self, req, chunk, context, reserved=False):
         """The request's names in lists of `chunk`, drawing one chunk ahead.
 
         The engine draws chunk k+1 while chunk k is serialised and sent; chunk k+2 is only asked
         for once grpc took chunk k (its flow control waits for the client), so a stream holds
         about two chunks however long it is. Chunks are drawn one after another from the same
         Request, so the names come in the same order as from Generate with the same seed.
-        admitted: the request was let in already (Batcher.reserve); else its first chunk may be turned away.
+        reserved: the request holds a Batcher.reserve; else its first chunk may be turned away.
         """
+        admitted = False
 
         def fetch():
             nonlocal admitted
             if req.done:
                 return None
             rows = min(chunk, req.remaining)
-            task = asyncio.ensure_future(self.batcher.submit(req, rows, context.time_remaining(), admitted))
+            task = asyncio.ensure_future(self.batcher.submit(req, rows, context.time_remaining(), admitted, reserved))
             admitted = True  # only the first chunk can be turned away (RESOURCE_EXHAUSTED)
             return task
 

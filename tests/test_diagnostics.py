@@ -169,3 +169,6 @@ def test_cli_small_run(words, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "sweep: 100 steps" in stdout and "suggested learning rate: " in stdout
     assert_png(out)
+    data.write_text("ann\nbo\ncy\n")  # too few words to split: the sweep uses them all
+    assert lr_sweep_main(["--data", str(data), "--steps", "20", "--n-hidden", "8", "--out", str(out)]) == 0
+    assert "3 words, 10 training examples" in capsys.readouterr().out

@@ -107,7 +107,7 @@ def test_rows_wanted_sizes_each_draw(cpu_engine):
     plain = cpu_engine.request(P(num_samples=20_000, seed=1))
     assert plain.rows_wanted(16_384) == 16_384 and plain.rows_wanted(16_384, owed=64) == 64
     new = cpu_engine.request(P(num_samples=20_000, seed=1, only_new=True))
-    assert new.rows_wanted(4096, owed=64) == 104  # a stream's chunk of 64: 1.5x as many, + 8
+    assert new.rows_wanted(4096, owed=64) == 104  # 1.5x as many, + 8, since some names are known ones
     assert new.rows_wanted(16_384) == ONLY_NEW_PROBE  # the first draws stop at the probe
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -468,6 +469,8 @@ def test_client_stream_keeps_the_out_file_until_it_succeeds(server, tmp_path):
     assert r.returncode == 1 and "INVALID_ARGUMENT: prefix" in r.stderr and out.read_text() == "keep\n"
     r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--seed", "1", "--out", out)
     assert r.returncode == 0 and len(out.read_text().splitlines()) == 3 and list(tmp_path.iterdir()) == [out]
+    r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--out", "/dev/null")
+    assert r.returncode == 0 and "3 names" in r.stderr and not Path("/dev/.null.part").exists()  # not a file: as is
 
 
 def test_loadtest_cli(server, tmp_path):

@@ -47,7 +47,7 @@ def split_words(words, seed=42):
     empty = [k for k, v in splits.items() if not v]
     if empty:
         raise DataError(f"{len(words)} words are too few for an 80/10/10 train/val/test split ({' and '.join(empty)} "
-                        "would be empty); give at least 10")
+                        "would be empty); give at least 6")
     return splits
 
 

@@ -108,7 +108,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     vocab = Vocab.from_words(words)
-    train = split_words(words)["train"] or words  # a tiny list may leave no train split
+    try:
+        train = split_words(words)["train"]
+    except DataError:  # too few words to split: sweep on them all
+        train = words
     X, Y = build_examples(train, vocab, args.block_size)  # (M, block_size), (M,)
     cfg = ModelConfig(vocab_size=vocab.size, block_size=args.block_size, n_embd=args.n_embd,
                       n_hidden=args.n_hidden, n_layers=args.n_layers)

@@ -98,6 +98,13 @@ class EMA:
         torch._foreach_copy_(self._src, self._dst)
 
 
+def ema_decay(tc):
+    """The recipe's EMA decay with its horizon, 1 / (1 - decay) steps, kept to a tenth of the run: a
+    1,000-step run with the baseline's 0.9999 would otherwise save mostly its initial weights (val 3.16,
+    worse than the bigram)."""
+    return max(0.0, min(tc.ema, 1 - 10 / tc.steps))
+
+
 @torch.no_grad()
 def evaluate(model, X, Y, batch=65536):
     """Mean NLL (nats per character) over a whole split, in eval mode (running BatchNorm statistics)."""
@@ -129,9 +136,7 @@ def train(model, splits_xy, tc, device="cpu", progress=True):
     weights = plots.weight_params(model)  # every 2-D weight: (name, parameter)
     g = torch.Generator(device=device).manual_seed(tc.seed)
     # The averaged copy smooths out the last steps' noise; its BatchNorm running statistics are averaged too.
-    # Its horizon, 1 / (1 - decay) steps, is kept to a tenth of the run at most: a 1,000-step run with the
-    # baseline's 0.9999 would otherwise save mostly its initial weights (val 3.16, worse than the bigram).
-    avg = EMA(model, max(0.0, min(tc.ema, 1 - 10 / tc.steps))) if tc.ema else None
+    avg = EMA(model, ema_decay(tc)) if tc.ema else None
     evaluated = avg.module if avg else model
     hist = {"loss": [], "val": [], "ud": [], "ud_steps": [], "ud_names": [n for n, _ in weights]}
     bar = tqdm(range(tc.steps), disable=not progress, mininterval=1.0, desc="train", unit="step")
@@ -252,6 +257,9 @@ def main(argv=None):
     tc = replace(tc, **given(tc))
     if (problem := config_error(mc, tc)) is not None:
         p.error(problem)
+    if tc.ema and ema_decay(tc) != tc.ema:
+        print(f"note: EMA decay {tc.ema:g} -> {ema_decay(tc):g}, a horizon of at most a tenth of {tc.steps} steps")
+        tc = replace(tc, ema=ema_decay(tc))  # the recipe saved in the checkpoint is the one used
     # Small batches gain nothing from a second thread (0.6 ms/step either way on 2 idle cores) and lose a
     # lot when the cores are shared; larger batches use torch's default.
     if args.threads < 0:

@@ -8,6 +8,7 @@ exit 0. A second signal cuts the drain short.
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 
 import grpc
@@ -121,13 +122,14 @@ async def serve(args, engine):
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # IPv6
+    why = bind_error(args.host, args.port)
     try:
-        host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # IPv6
-        port = server.add_insecure_port(f"{host}:{args.port}")
+        port = 0 if why else server.add_insecure_port(f"{host}:{args.port}")
     except RuntimeError:
         port = 0
     if not port:
-        print(f"error: cannot listen on {args.host}:{args.port} (in use or not a local address)", file=sys.stderr)
+        print(f"error: cannot listen on {host}:{args.port} ({why or 'in use or not a local address'})", file=sys.stderr)
         return 1
     await server.start()
     batcher.start()
@@ -175,6 +177,19 @@ async def serve(args, engine):
     await batcher.close()
     print(f"stopped; {rss_report()}", flush=True)
     return 0
+
+
+def bind_error(host, port):
+    """Why host:port can't be listened on, or None. Checked before grpc tries, whose C core would log
+    lines of its own before our one-line error."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: only a listener is in the way
+            s.bind(addr)
+    except OSError as e:  # socket.gaierror included
+        return e.strerror or str(e)
+    return None
 
 
 def loop_factory(choice):

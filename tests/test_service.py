@@ -413,6 +413,14 @@ def test_bad_server_flags_are_usage_errors(flag, value, capsys):
     assert exc.value.code == 2 and flag in capsys.readouterr().err
 
 
+def test_port_in_use_is_one_line(server, model_dir):
+    r = subprocess.run([sys.executable, "-m", "service.server", "--model-dir", str(model_dir), "--provider", "cpu",
+                        "--port", str(server.port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()  # ours alone: grpc's C core doesn't get to log its own
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{server.port} (")
+    assert "in use" in lines[0], lines
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "missing"])
 def test_bad_model_file_exits_with_one_line(model_dir, tmp_path, damage):
     bad = tmp_path / "model"

@@ -123,7 +123,7 @@ async def serve(args, engine):
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # IPv6
-    why = bind_error(args.host, args.port)
+    why = bind_error(args.host.strip("[]"), args.port)
     try:
         port = 0 if why else server.add_insecure_port(f"{host}:{args.port}")
     except RuntimeError:

@@ -70,9 +70,10 @@ def _timeout(args):
 
 def cmd_generate(stub, args):
     resp = stub.Generate(request_of(args), timeout=_timeout(args))
-    width = max((len(s.name) for s in resp.samples), default=0)
-    for s in resp.samples:
-        print(f"{s.name:<{width}}  {s.logprob:9.4f}  {'[train]' if s.in_training_data else '[new]'}")
+    shown = [s.name or '""' for s in resp.samples]  # the model can end a name at once: show it as ""
+    width = max(map(len, shown), default=0)
+    for name, s in zip(shown, resp.samples):
+        print(f"{name:<{width}}  {s.logprob:9.4f}  {'[train]' if s.in_training_data else '[new]'}")
     print(f"seed: {resp.seed}")
 
 

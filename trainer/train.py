@@ -328,7 +328,8 @@ def main(argv=None):
     )
     print("samples:")
     for name, where in mark_samples(decode_tokens(tokens, vocab), splits):
-        print(f"  {name:<16} {where}")
+        shown = name or '""'  # the model can end a name at once
+        print(f"  {shown:<16} {where}")
 
     if not args.no_plots:
         pdir = out / "plots"

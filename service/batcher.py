@@ -117,35 +117,33 @@ class Batcher:
         if self.pending_names and self.pending_names + names > self.max_queue_names:
             raise QueueFull(f"server queue is full ({self.pending_names:,} names pending); retry later")
 
-    @contextlib.contextmanager
     def slot(self, chars=0):
         """A place in the queue for a Score call of `chars` characters, held while it is scored and its
         reply built: it counts towards max_queue like a Generate job, and while SCORE_CHARS_IN_FLIGHT
         characters are held (names and results, ~40 MB per million), more are turned away."""
         if self.score_chars and self.score_chars + chars > SCORE_CHARS_IN_FLIGHT:
             raise QueueFull(f"{self.score_chars:,} characters are being scored already; retry later")
-        self._admit(0)
+        return self._hold(chars=chars)
+
+    def reserve(self, names):
+        """Admission of a request drawn in several chunks whose names are all held until it ends (a large
+        unary Generate builds one reply): it counts as one pending request wanting all its names for its
+        whole life, not a chunk at a time. Its chunks are then submitted with reserved=True."""
+        return self._hold(names=names)
+
+    @contextlib.contextmanager
+    def _hold(self, names=0, chars=0):
+        """One pending request, wanting `names` names and holding `chars` Score characters, while inside."""
+        self._admit(names)
         self.pending += 1
+        self.pending_names += names
         self.score_chars += chars
         try:
             yield
         finally:
             self.pending -= 1
-            self.score_chars -= chars
-
-    @contextlib.contextmanager
-    def reserve(self, names):
-        """Admission of a request drawn in several chunks whose names are all held until it ends (a large
-        unary Generate builds one reply): it counts as one pending request wanting all its names for its
-        whole life, not a chunk at a time. Its chunks are then submitted with reserved=True."""
-        self._admit(names)
-        self.pending += 1
-        self.pending_names += names
-        try:
-            yield
-        finally:
-            self.pending -= 1
             self.pending_names -= names
+            self.score_chars -= chars
 
     async def score(self, names):
         """engine.score of names that passed engine.check_score_names. Calls are scored one at a time, so

@@ -96,7 +96,7 @@ def _check_pair(sampler, sampler_path, meta, logits_model, logits_path):
         raise ModelFileError(f"{sampler_path}: not a namegen sampler graph; run `make export`")
     if [i.name for i in logits_model.get_inputs()] != ["context"]:
         raise ModelFileError(f"{logits_path}: not a namegen logits graph; run `make export`")
-    other = read_metadata(logits_model, logits_path).get("checkpoint_sha256")
+    other = read_metadata(logits_model, logits_path, words=False).get("checkpoint_sha256")
     if other != meta.get("checkpoint_sha256"):
         raise ModelFileError(f"{sampler_path} and {logits_path} were exported from different checkpoints; "
                              "run `make export` again")
@@ -293,8 +293,8 @@ class Engine:
         if longest > MAX_SCORE_NAME:
             raise InvalidArgument("names", f"at most {MAX_SCORE_NAME:,} characters per name, got {longest:,}")
         if outside_vocab("".join(names), self.itos):  # "" is a name too: the model can end one at once
-            w = next(w for w in names if outside_vocab(w, self.itos))
-            raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(outside_vocab(w, self.itos))!r} "
+            w, bad = next((w, bad) for w in names if (bad := outside_vocab(w, self.itos)))
+            raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(bad)!r} "
                                            f"outside the vocabulary {clip(self.itos[1:])!r}")
         return total
 

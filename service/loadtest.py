@@ -49,9 +49,10 @@ def channel_target(targets):
             raise SystemExit(f"error: target {t!r}: use a loopback IP address (127.0.0.1)") from None
         if not ip.is_loopback:
             raise SystemExit(f"error: target {t!r} is not a loopback address; this tool only loads a local server")
-        if not 1 <= int(port) <= 65535:
+        port = int(port)
+        if not 1 <= port <= 65535:
             raise SystemExit(f"error: target {t!r}: port must be in [1, 65535]")
-        hosts.append((ip, int(port)))
+        hosts.append((ip, port))
     if len(hosts) == 1:
         ip, port = hosts[0]
         return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
@@ -105,6 +106,12 @@ class Tally:
         return {"lat": self.lat, "errors": dict(self.errors), "details": self.details, "names": self.names, "span": span}
 
 
+def _unreachable(cfg):
+    """A step's result when the channel never became ready."""
+    return {"lat": [], "errors": {"UNAVAILABLE": 1}, "details": {"UNAVAILABLE": f"{cfg['target']} not reachable"},
+            "names": 0, "span": 0.0}
+
+
 def _options(cfg):
     options = list(CHANNEL_OPTIONS)
     if cfg["target"].startswith("ipv4:"):
@@ -120,7 +127,7 @@ async def _run_aio(cfg, concurrency, quota, t_start):
         try:
             await asyncio.wait_for(channel.channel_ready(), max(1.0, t_start - time.monotonic() + 5))
         except asyncio.TimeoutError:
-            return {"lat": [], "errors": {"UNAVAILABLE": 1}, "names": 0, "span": 0.0}
+            return _unreachable(cfg)
         generate, stream, timeout = stub.Generate, stub.GenerateStream, cfg["timeout"]
 
         async def worker():
@@ -151,7 +158,7 @@ def _run_sync(cfg, concurrency, quota, t_start):
         try:
             grpc.channel_ready_future(channel).result(timeout=max(1.0, t_start - time.monotonic() + 5))
         except grpc.FutureTimeoutError:
-            return {"lat": [], "errors": {"UNAVAILABLE": 1}, "names": 0, "span": 0.0}
+            return _unreachable(cfg)
         stub = pb_grpc.NameGeneratorStub(channel)
         generate, stream, timeout = stub.Generate, stub.GenerateStream, cfg["timeout"]
 
@@ -210,7 +217,7 @@ def run_step(cfg, concurrency, pool):
     errors, details = collections.Counter(), {}
     for r in results:
         errors.update(r["errors"])
-        details = {**r.get("details", {}), **details}  # the first process's message for each code
+        details = {**r["details"], **details}  # the first process's message for each code
     span = max((r["span"] for r in results), default=0.0) or 1e-9
     n_ok = len(lat)
 

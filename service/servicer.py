@@ -263,8 +263,10 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
 
     async def GetModelInfo(self, request, context):
         t0 = time.perf_counter()
-        if isinstance(request, Undecodable):
+        try:
+            _parsed(request)
+        except InvalidArgument as e:
             self._done("GetModelInfo", "INVALID_ARGUMENT", t0)
-            await context.abort(*status_of(InvalidArgument("request", request.message)))
+            await context.abort(*status_of(e))
         self._done("GetModelInfo", "OK", t0)
         return self._info

@@ -76,12 +76,14 @@ def make_session(path, provider="auto", intra_op_threads=1):
     return sess, active
 
 
-def read_metadata(sess, path):
+def read_metadata(sess, path, words=True):
+    """The export's metadata (export/export.py: metadata); words=False leaves out the word list."""
     props = sess.get_modelmeta().custom_metadata_map
     try:
         meta = json.loads(props["namegen"])
-        words = props.get("words", "")
-        meta["words"] = words.split("\n") if words else []
+        if words:
+            listed = props.get("words", "")
+            meta["words"] = listed.split("\n") if listed else []
         meta["vocab"], meta["block_size"]  # noqa: B018 - required keys
     except (KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: no namegen metadata ({e}); re-run `make export`") from None

@@ -91,9 +91,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.lo < args.hi:
         p.error(f"need 0 < --lo < --hi, got --lo {args.lo} --hi {args.hi}")
-    for name in ("block_size", "n_embd", "n_hidden", "n_layers", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    problem = ModelConfig(block_size=args.block_size, n_embd=args.n_embd, n_hidden=args.n_hidden,
+                          n_layers=args.n_layers).problem()
+    if problem is not None:
+        p.error(problem)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size < 2:
         p.error("--batch-size must be >= 2 (BatchNorm needs a batch)")
     return args

@@ -17,6 +17,15 @@ class ModelConfig:
     n_layers: int = 1  # number of Linear-BatchNorm-tanh blocks
     dropout: float = 0.0  # after each tanh, training only (identity in eval, so export ignores it)
 
+    def problem(self):
+        """The first setting this model can't be built with, as a message naming its flag, or None."""
+        for name in ("block_size", "n_embd", "n_hidden", "n_layers"):
+            if getattr(self, name) < 1:
+                return f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+        if not 0 <= self.dropout < 1:  # NaN fails too
+            return f"--dropout must be in [0, 1), got {self.dropout}"
+        return None
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, init: str = "kaiming"):

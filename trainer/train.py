@@ -194,9 +194,9 @@ CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("step", "cosine")}
 
 def config_error(mc, tc):
     """The first problem with a model config and recipe (flags override them), as a message, or None."""
-    for name, v in {"block_size": mc.block_size, "n_embd": mc.n_embd, "n_hidden": mc.n_hidden,
-                    "n_layers": mc.n_layers, "steps": tc.steps, "eval_every": tc.eval_every,
-                    "record_every": tc.record_every}.items():
+    if (problem := mc.problem()) is not None:
+        return problem
+    for name, v in {"steps": tc.steps, "eval_every": tc.eval_every, "record_every": tc.record_every}.items():
         if v < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {v}"
     if tc.batch_size < 2:
@@ -208,7 +208,6 @@ def config_error(mc, tc):
         "warmup": (tc.warmup, ">= 0", lambda x: x >= 0),
         "weight_decay": (tc.weight_decay, ">= 0", lambda x: 0 <= x < math.inf),
         "ema": (tc.ema, "in [0, 1)", lambda x: 0 <= x < 1),
-        "dropout": (mc.dropout, "in [0, 1)", lambda x: 0 <= x < 1),
     }
     for name, (v, want, ok) in ranges.items():
         if not ok(v):  # NaN fails every comparison, so it lands here too

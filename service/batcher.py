@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent Generate requests share one model run.
 
 One worker coroutine owns the engine. Handlers `await batcher.submit(request, rows)`; the worker
-collects queued jobs in round-robin order up to `max_batch_rows` rows, runs `engine.run(parts)` on a
+collects queued jobs (small ones first, then round robin) up to `max_batch_rows` rows, runs `engine.run(parts)` on a
 single-thread executor (ORT releases the GIL, so the event loop keeps accepting and answering RPCs
 meanwhile), and resolves each job's future when it has its names.
 
@@ -10,7 +10,8 @@ Policies, and why:
   small one runs right on the loop thread (see _inline). Only when the last run served several
   requests may the worker wait up to max_wait_ms for about as many to arrive, never longer.
 - Fairness: a job larger than a batch is served a chunk per run and then goes to the back, behind
-  jobs that arrived during the run, so a million names can't hold up a one-name request for long.
+  jobs that arrived during the run; small jobs go ahead of large ones (up to half of each run, see
+  _collect), so a million names can't hold up a one-name request for more than a run.
 - Determinism: each request draws its uniforms from its own seeded generator in order, so how it is
   chunked or what it is batched with doesn't change its names (the engine guarantees this).
 - Bounded memory: at most max_queue jobs, wanting at most max_queue_names names in all, are pending
@@ -37,6 +38,7 @@ SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this ma
 SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
 PROBE_EVERY = 4  # every 4th lone small run goes to the engine thread anyway (see Batcher._inline)
+SMALL_JOB_ROWS = 64  # a job drawing at most this many rows goes ahead of large ones (see Batcher._collect)
 
 
 class QueueFull(Exception):
@@ -315,33 +317,51 @@ class Batcher:
         return sum(j.want - len(j.samples) for j in self._incoming) + sum(j.want - len(j.samples) for j in self._jobs)
 
     def _collect(self):
-        """Take jobs from the front of the round-robin queue until the batch is full."""
-        parts, rows, now = [], 0, time.perf_counter()
-        keep = collections.deque()
-        jobs = self._jobs
-        while jobs:
-            job = jobs.popleft()
+        """Jobs for the next run, at most cap rows: the small ones first, then the rest in queue order.
+
+        Small jobs (at most SMALL_JOB_ROWS rows to draw) go first, up to half a batch: a one-name request
+        then waits for the run in hand, not for a turn of every large job queued before it (measured at
+        concurrency 8 beside four 20,000-name requests: p50 111 ms in plain round-robin order). The large
+        jobs share the rest of each run, so small traffic can't starve them.
+        """
+        now, live = time.perf_counter(), []
+        for job in self._jobs:
             if job.cancelled or job.future.done():
                 continue
             if job.deadline is not None and now > job.deadline:
                 job.cancelled = True
                 job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
-                continue
+            elif job.want - len(job.samples) <= 0 or job.request.done:  # nothing more to draw: hand over what it has
+                job.future.set_result(job.samples)
+            else:
+                live.append(job)
+        small, large, budget = [], [], self.cap // 2
+        for job in live:
+            n = self._rows(job, self.cap)
+            if n <= min(SMALL_JOB_ROWS, budget):
+                small.append(job)
+                budget -= n
+            else:
+                large.append(job)
+        parts, rows, keep = [], 0, collections.deque()
+        for job in small + large:
             if rows >= self.cap or (parts and not self.batching):
                 keep.append(job)
                 continue
-            req, owed = job.request, job.want - len(job.samples)
-            if owed <= 0 or req.done:  # nothing more to draw: hand over what it has
-                job.future.set_result(job.samples)
-                continue
-            # The engine sizes the draw. only_new draws for the whole request (extra, since some names
-            # are known ones), up to a batch: a stream's small chunks then don't each take a run of
-            # their own; the surplus beyond this job's share stays with the job, in order, for the next chunk.
-            n = req.rows_wanted(self.cap - rows, None if req.params.only_new else owed)
+            n = self._rows(job, self.cap - rows)
             parts.append((job, n))
             rows += n
         self._jobs = keep
         return parts, rows
+
+    @staticmethod
+    def _rows(job, cap):
+        """Rows the engine should draw for a job in a run with room for `cap`. only_new draws for the whole
+        request (extra, since some names are known ones), up to a batch: a stream's small chunks then don't
+        each take a run of their own; the surplus beyond this job's share stays with the job, in order,
+        for the next chunk."""
+        req = job.request
+        return req.rows_wanted(cap, None if req.params.only_new else job.want - len(job.samples))
 
     def _fail(self, parts, exc):
         for job, _ in parts:

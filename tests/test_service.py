@@ -147,18 +147,26 @@ def scrape(server, prefix):
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def test_cancelled_stream_stops_drawing(server, channel, stub):
-    import time
+def stopped_early(server, method):
+    """(DEADLINE_EXCEEDED, CANCELLED): how many of the method's RPCs the server counted as each."""
+    return tuple(scrape(server, f'namegen_requests_total{{code="{c}",method="{method}"}}')
+                 for c in ("DEADLINE_EXCEEDED", "CANCELLED"))
 
-    cancelled = 'namegen_requests_total{code="CANCELLED",method="GenerateStream"}'
-    rows0, n0 = scrape(server, "namegen_batch_rows_sum"), scrape(server, cancelled)
+
+def wait_for_stop(server, method, before):
+    """stopped_early once the server has counted another RPC of the method there (it may lag the client)."""
+    deadline = time.monotonic() + 30
+    while (now := stopped_early(server, method)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
+
+
+def test_cancelled_stream_stops_drawing(server, channel, stub):
+    rows0, ended0 = scrape(server, "namegen_batch_rows_sum"), stopped_early(server, "GenerateStream")
     it = stub.GenerateStream(pb.GenerateRequest(num_samples=2_000_000, seed=3, chunk_size=1000), timeout=120)
     next(it), next(it)
     it.cancel()
-    deadline = time.monotonic() + 30
-    while scrape(server, cancelled) == n0 and time.monotonic() < deadline:  # wait until the server saw it
-        time.sleep(0.05)
-    assert scrape(server, cancelled) == n0 + 1
+    assert wait_for_stop(server, "GenerateStream", ended0) == (ended0[0], ended0[1] + 1)  # far from its deadline
     rows = scrape(server, "namegen_batch_rows_sum") - rows0
     assert 2000 <= rows <= 200_000  # what flow control let it send ahead, far from the 2M asked for
     for i in range(5):  # each gives the worker another round, in which a live stream job would draw again
@@ -247,21 +255,32 @@ def test_only_new_impossible_is_failed_precondition(stub, channel):
 
 
 def test_deadline_exceeded(server, stub, channel):
-    # 200k names take seconds; a 20 ms deadline passes long before. The server drops the work.
-    ended = ('namegen_requests_total{code="CANCELLED",method="Generate"}',
-             'namegen_requests_total{code="DEADLINE_EXCEEDED",method="Generate"}')
-    rows0, n0 = scrape(server, "namegen_batch_rows_sum"), sum(scrape(server, m) for m in ended)
+    # 200k names take seconds; a 20 ms deadline passes long before. The server drops the work, and counts
+    # it under the code the client saw.
+    rows0, ended0 = scrape(server, "namegen_batch_rows_sum"), stopped_early(server, "Generate")
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(pb.GenerateRequest(num_samples=200_000, seed=1), timeout=0.02)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 30
-    while sum(scrape(server, m) for m in ended) == n0 and time.monotonic() < deadline:  # the server saw it
-        time.sleep(0.05)
-    assert sum(scrape(server, m) for m in ended) == n0 + 1
+    assert wait_for_stop(server, "Generate", ended0) == (ended0[0] + 1, ended0[1])
     rows = scrape(server, "namegen_batch_rows_sum") - rows0
     for i in range(20):  # each gives the worker a round, in which a live job would draw ~511 rows more
         gen(stub, num_samples=1, seed=i)
     assert scrape(server, "namegen_batch_rows_sum") - rows0 <= rows + 20 + 4096  # + a chunk that was in flight
+    assert_healthy(channel, stub)
+
+
+def test_stream_past_its_deadline_counts_as_deadline_exceeded(server, stub, channel):
+    """A client that stops reading: flow control holds the server's stream until the deadline cancels it.
+    The server sees a cancellation, and counts it under the code the client saw."""
+    ended0 = stopped_early(server, "GenerateStream")
+    it = stub.GenerateStream(pb.GenerateRequest(num_samples=2_000_000, seed=4, chunk_size=1000), timeout=1.0)
+    next(it)
+    time.sleep(1.2)
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in it:
+            pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for_stop(server, "GenerateStream", ended0) == (ended0[0] + 1, ended0[1])
     assert_healthy(channel, stub)
 
 
@@ -511,10 +530,11 @@ def test_loadtest_bad_options(flag, value, capsys):
 # ---- the batcher in-process (real engine, no gRPC) ----
 
 class CountingEngine:
-    """The real engine, counting rows per request so tests can see who got model runs."""
+    """The real engine, counting rows per request so tests can see who got model runs (runs: each run's
+    [(seed, rows)], in order)."""
 
     def __init__(self, engine):
-        self.engine, self.max_rows, self.rows = engine, engine.max_rows, {}
+        self.engine, self.max_rows, self.rows, self.runs = engine, engine.max_rows, {}, []
 
     def request(self, params, max_samples):
         return self.engine.request(params, max_samples)
@@ -522,6 +542,7 @@ class CountingEngine:
     def run(self, parts):
         for req, n in parts:
             self.rows[req.params.seed] = self.rows.get(req.params.seed, 0) + n
+        self.runs.append([(req.params.seed, n) for req, n in parts])
         return self.engine.run(parts)
 
 
@@ -550,6 +571,35 @@ def test_batcher_interleaves_big_and_small(engine):
         done = await asyncio.gather(*smalls)
         assert all(len(s) == 3 for s in done) and not big.done()  # served between the big one's chunks
         assert len(await big) == 20_000
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
+    """Small jobs go first, up to half a run; the large ones share the rest (so they can't be starved)."""
+    import asyncio
+
+    from service.batcher import SMALL_JOB_ROWS, Batcher
+    from service.params import GenerateParams
+
+    async def main():
+        eng = CountingEngine(engine)
+        b = Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)
+        b.start()
+
+        def submit(n, seed):
+            req = eng.request(GenerateParams(num_samples=n, seed=seed), 10**6)
+            return asyncio.ensure_future(b.submit(req, n))
+
+        jobs = [submit(2000, seed) for seed in (1, 2, 3)]  # queued before any run: large, then small
+        jobs += [submit(SMALL_JOB_ROWS, seed) for seed in (10, 11, 12)]
+        await asyncio.gather(*jobs)
+        first = dict(eng.runs[0])
+        # Two small jobs fill half the run (a third would pass half), then the oldest large job the rest;
+        # in queue order the first run would have been large job 1's alone.
+        assert first == {10: SMALL_JOB_ROWS, 11: SMALL_JOB_ROWS, 1: 256 - 2 * SMALL_JOB_ROWS}
+        assert (12, SMALL_JOB_ROWS) in eng.runs[1]  # the third at the head of the next run
         await b.close()
 
     asyncio.run(main())

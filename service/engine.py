@@ -128,7 +128,6 @@ class Engine:
         self.stoi = {c: i for i, c in enumerate(self.itos)}
         self.words = frozenset(meta["words"])
         self.max_rows = max_rows
-        self.rows_sampled = self.rows_rechecked = 0
         # Token id -> code point, end token -> NUL: an (N, T) token array viewed as '<U{T}' strings decodes
         # every row at once, since numpy drops trailing NULs.
         self._codes = np.array([0] + [ord(c) for c in self.itos[1:]], dtype=np.uint32)
@@ -150,6 +149,8 @@ class Engine:
         """One sampler run over n rows from each (request, n) part. -> accepted samples per part.
 
         A request that exhausts its only_new draw budget gets request.error; the others are unaffected.
+        Two threads may run at once (the batcher's express runs do) if their requests differ: ORT sessions
+        allow concurrent runs, and the engine keeps no other state between runs.
         """
         if len(parts) == 1:  # the common case, without the copies: a lone 1-row request feeds its own arrays
             (req, n), = parts
@@ -167,13 +168,11 @@ class Engine:
                 req.drawn += n
                 i += n
         try:
-            tokens, logprob, rechecked = self._sample(feed)
+            tokens, logprob, _ = self._sample(feed)
         except Exception:  # noqa: BLE001 - a lone request gets the error; a batch is split (below)
             if len(parts) == 1:
                 raise
             return self._run_apart(parts, feed)
-        self.rows_sampled += len(tokens)
-        self.rows_rechecked += np.count_nonzero(rechecked)  # rows with a thin step, checked in float64
         names = self.decode(tokens)
         out, i = [], 0
         for req, n in parts:

@@ -605,6 +605,49 @@ def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
     asyncio.run(main())
 
 
+class GatedEngine(CountingEngine):
+    """Holds each run of more than `hold_rows` rows until released, so a test can act during a long run."""
+
+    def __init__(self, engine, hold_rows):
+        import threading
+
+        super().__init__(engine)
+        self.hold_rows, self.started, self.release = hold_rows, threading.Event(), threading.Event()
+
+    def run(self, parts):
+        if sum(n for _, n in parts) > self.hold_rows:
+            self.started.set()
+            self.release.wait(30)
+        return super().run(parts)
+
+
+def test_batcher_serves_small_jobs_during_a_long_run(engine):
+    """A small job that arrives during a long run gets an express run at once, with its own names; only_new
+    (which may need several runs) waits for the long run like any other job."""
+    import asyncio
+
+    from service.batcher import EXPRESS_AFTER_ROWS, Batcher
+    from service.params import GenerateParams
+
+    async def main():
+        eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
+        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
+        b.start()
+        big_req = eng.request(GenerateParams(num_samples=3000, seed=1), 10**6)
+        big = asyncio.ensure_future(b.submit(big_req, 3000))
+        while not eng.started.is_set():
+            await asyncio.sleep(0.001)
+        new = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=1, seed=3, only_new=True), 100), 1))
+        small = await asyncio.wait_for(b.submit(eng.request(GenerateParams(num_samples=5, seed=2), 100), 5), 10)
+        assert not big.done() and not new.done()  # the long run is still held
+        assert small == engine.generate(GenerateParams(num_samples=5, seed=2))  # the names its seed gives alone
+        eng.release.set()
+        assert len(await big) == 3000 and len(await new) == 1
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_batcher_bounds_pending_names(engine):
     import asyncio
 

@@ -11,8 +11,8 @@ Policies, and why:
   requests may the worker wait up to max_wait_ms for about as many to arrive, never longer.
 - Fairness: a job larger than a batch is served a chunk per run and then goes to the back, behind
   jobs that arrived during the run. Small jobs go ahead of large ones (up to half of each run, see
-  _collect), and during a long run those that arrive get express runs on the loop thread (see
-  _express_during), so a million names can't hold up a one-name request.
+  service.scheduling), and during a long run those that arrive get express runs on the loop thread
+  (see _express_during), so a million names can't hold up a one-name request.
 - Determinism: each request draws its uniforms from its own seeded generator in order, so how it is
   chunked or what it is batched with doesn't change its names (the engine guarantees this).
 - Bounded memory: at most max_queue jobs, wanting at most max_queue_names names in all, are pending
@@ -33,37 +33,17 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from service.busypoll import BusyPoll, stop_task
+from service.scheduling import EXPRESS_AFTER_ROWS, Job, pieces, select, select_express
 
 
 SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
 SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
 PROBE_EVERY = 4  # every 4th lone small run goes to the engine thread anyway (see Batcher._inline)
-SMALL_JOB_ROWS = 64  # a job drawing at most this many rows goes ahead of large ones (see Batcher._collect)
-EXPRESS_AFTER_ROWS = 1024  # during a run of more rows, small new jobs get express runs (see Batcher._express_during)
-EXPRESS_ROWS = 256  # rows of one express run (on the event loop's thread, which it blocks meanwhile)
 
 
 class QueueFull(Exception):
     """Too many pending requests; the client should back off and retry."""
-
-
-class DeadlineExceeded(Exception):
-    """The client's deadline passed before the request got its names."""
-
-
-class Job:
-    __slots__ = ("request", "want", "samples", "future", "enqueued", "deadline", "served", "cancelled")
-
-    def __init__(self, request, want, future, deadline):
-        self.request = request
-        self.want = want  # names this job still needs
-        self.samples = []
-        self.future = future
-        self.enqueued = time.perf_counter()
-        self.deadline = deadline  # perf_counter time after which nobody is waiting any more, or None
-        self.served = False  # has had a model run (for the queue-time metric)
-        self.cancelled = False
 
 
 class Batcher:
@@ -156,7 +136,7 @@ class Batcher:
         about SCORE_PIECE_CHARS characters, so that model runs for Generate go in between."""
         async with self._score_lock:
             scores = []
-            for piece in _pieces(names, SCORE_PIECE_CHARS):
+            for piece in pieces(names, SCORE_PIECE_CHARS):
                 scores += await self.call(self.engine.score, piece, True)
             return scores
 
@@ -275,19 +255,11 @@ class Batcher:
                 self._express()
 
     def _express(self):
-        """One express run of the small new jobs (not only_new: it may need several runs), EXPRESS_ROWS at most."""
-        parts, rows, rest, now = [], 0, collections.deque(), time.perf_counter()
-        for job in self._incoming:
-            owed = job.want - len(job.samples)
-            if (job.cancelled or job.future.done() or job.request.params.only_new or not 0 < owed <= SMALL_JOB_ROWS
-                    or rows + owed > EXPRESS_ROWS or (job.deadline is not None and now > job.deadline)):
-                rest.append(job)  # for _collect, which also drops the cancelled and expired ones
-            else:
-                parts.append((job, owed))
-                rows += owed
+        """One express run of small new jobs (scheduling.select_express), on the loop thread."""
+        now = time.perf_counter()
+        parts, rows, self._incoming = select_express(self._incoming, now)
         if not parts:
             return
-        self._incoming = rest
         self._running += [job for job, _ in parts]
         for job, _ in parts:
             job.served = True
@@ -365,69 +337,14 @@ class Batcher:
                 break
 
     def _rows_waiting(self):
-        return sum(j.want - len(j.samples) for j in self._incoming) + sum(j.want - len(j.samples) for j in self._jobs)
+        return sum(j.owed for j in self._incoming) + sum(j.owed for j in self._jobs)
 
     def _collect(self):
-        """Jobs for the next run, at most cap rows: the small ones first, then the rest in queue order.
-
-        Small jobs (at most SMALL_JOB_ROWS rows to draw) go first, up to half a batch: a one-name request
-        then waits for the run in hand, not for a turn of every large job queued before it (measured at
-        concurrency 8 beside four 20,000-name requests: p50 111 ms in plain round-robin order). The large
-        jobs share the rest of each run, so small traffic can't starve them.
-        """
-        now, live = time.perf_counter(), []
-        for job in self._jobs:
-            if job.cancelled or job.future.done():
-                continue
-            if job.deadline is not None and now > job.deadline:
-                job.cancelled = True
-                job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
-            elif job.want - len(job.samples) <= 0 or job.request.done:  # nothing more to draw: hand over what it has
-                job.future.set_result(job.samples)
-            else:
-                live.append(job)
-        small, large, budget = [], [], self.cap // 2
-        for job in live:
-            n = self._rows(job, self.cap)
-            if n <= min(SMALL_JOB_ROWS, budget):
-                small.append(job)
-                budget -= n
-            else:
-                large.append(job)
-        parts, rows, keep = [], 0, collections.deque()
-        for job in small + large:
-            if rows >= self.cap or (parts and not self.batching):
-                keep.append(job)
-                continue
-            n = self._rows(job, self.cap - rows)
-            parts.append((job, n))
-            rows += n
-        self._jobs = keep
+        """Take the next run's jobs off the queue (scheduling.select)."""
+        parts, rows, self._jobs = select(self._jobs, self.cap, self.batching)
         return parts, rows
-
-    @staticmethod
-    def _rows(job, cap):
-        """Rows the engine should draw for a job in a run with room for `cap`. only_new draws for the whole
-        request (extra, since some names are known ones), up to a batch: a stream's small chunks then don't
-        each take a run of their own; the surplus beyond this job's share stays with the job, in order,
-        for the next chunk."""
-        req = job.request
-        return req.rows_wanted(cap, None if req.params.only_new else job.want - len(job.samples))
 
     def _fail(self, parts, exc):
         for job, _ in parts:
             if not job.future.done():
                 job.future.set_exception(exc)
-
-
-def _pieces(names, limit):
-    """Consecutive runs of names with about `limit` characters (end tokens included) each."""
-    piece, size = [], 0
-    for w in names:
-        if piece and size + len(w) + 1 > limit:
-            yield piece
-            piece, size = [], 0
-        piece.append(w)
-        size += len(w) + 1
-    if piece:
-        yield piece

@@ -580,7 +580,8 @@ def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
     """Small jobs go first, up to half a run; the large ones share the rest (so they can't be starved)."""
     import asyncio
 
-    from service.batcher import SMALL_JOB_ROWS, Batcher
+    from service.batcher import Batcher
+    from service.scheduling import SMALL_JOB_ROWS
     from service.params import GenerateParams
 
     async def main():
@@ -626,7 +627,8 @@ def test_batcher_serves_small_jobs_during_a_long_run(engine):
     (which may need several runs) waits for the long run like any other job."""
     import asyncio
 
-    from service.batcher import EXPRESS_AFTER_ROWS, Batcher
+    from service.batcher import Batcher
+    from service.scheduling import EXPRESS_AFTER_ROWS
     from service.params import GenerateParams
 
     async def main():

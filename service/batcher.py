@@ -33,7 +33,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from service.busypoll import BusyPoll, stop_task
-from service.scheduling import EXPRESS_AFTER_ROWS, Job, pieces, select, select_express
+from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, Job, pieces, select, select_express
 
 
 SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
@@ -56,6 +56,9 @@ class Batcher:
         self.batching = max_batch_rows > 0
         # The engine's max_rows keeps one run's memory bounded; batching can only ask for fewer.
         self.cap = min(max_batch_rows, engine.max_rows) if self.batching else engine.max_rows
+        # Express runs (see _express_during) batch too, and they are unmeasured on a GPU, where the two
+        # runs would share one device (and the loop thread could wait for the long one).
+        self.express = self.batching and getattr(engine, "provider", "cpu") != "cuda"
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.max_queue = max(1, max_queue)
         self.max_queue_names = max(1, max_queue_names)
@@ -211,17 +214,21 @@ class Batcher:
         work = [(j.request, n) for j, n in parts]
         try:
             if self._inline(parts, rows, now):
-                results = self.engine.run(work)
+                results, seconds = _timed(self.engine.run, work)
             else:
-                run = loop.run_in_executor(self._executor, self.engine.run, work)
-                if rows > EXPRESS_AFTER_ROWS:
-                    await self._express_during(run)
-                results = await run
+                run = loop.run_in_executor(self._executor, _timed, self.engine.run, work)
+                if self.express and rows > EXPRESS_AFTER_ROWS:
+                    try:
+                        await self._express_during(run)
+                    except BaseException:  # shut down (or a bug): nobody will await the run's outcome now
+                        run.cancel()
+                        raise
+                results, seconds = await run
         except Exception as e:  # noqa: BLE001 - delivered to the requests it concerns
             self._fail(parts, e)
             return
         if self.metrics:
-            self.metrics.observe_batch(rows, len(parts), time.perf_counter() - now)
+            self.metrics.observe_batch(rows, len(parts), seconds)
         self._last_batch = len(parts)
         # Arrivals during the run go before the jobs just served: round robin, new work first.
         self._jobs.extend(self._incoming)
@@ -245,34 +252,39 @@ class Batcher:
         """While a long run is on the engine thread, small jobs that arrive are run at once on the loop
         thread (express runs) instead of waiting for it: a run of 4,096 rows took ~40 ms here."""
         while not run.done():
+            if self._express():  # more may be waiting than one express run takes
+                await asyncio.sleep(0)
+                continue
             self._wake.clear()
             woke = asyncio.ensure_future(self._wake.wait())
             try:
                 await asyncio.wait((run, woke), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woke.cancel()
-            if not run.done():
-                self._express()
 
     def _express(self):
-        """One express run of small new jobs (scheduling.select_express), on the loop thread."""
+        """One express run of small jobs (scheduling.select_express) not in the long run, on the loop
+        thread: those queued, then those submitted since. -> whether it ran."""
         now = time.perf_counter()
-        parts, rows, self._incoming = select_express(self._incoming, now)
+        parts, rows, self._jobs = select_express(self._jobs, EXPRESS_ROWS, now)
+        more, more_rows, self._incoming = select_express(self._incoming, EXPRESS_ROWS - rows, now)
+        parts, rows = parts + more, rows + more_rows
         if not parts:
-            return
+            return False
         self._running += [job for job, _ in parts]
         for job, _ in parts:
             job.served = True
             if self.metrics:
                 self.metrics.queue_time.observe(now - job.enqueued)
         try:
-            results = self.engine.run([(j.request, n) for j, n in parts])
+            results, seconds = _timed(self.engine.run, [(j.request, n) for j, n in parts])
         except Exception as e:  # noqa: BLE001
             self._fail(parts, e)
-            return
+            return True
         if self.metrics:
-            self.metrics.observe_batch(rows, len(parts), time.perf_counter() - now)
+            self.metrics.observe_batch(rows, len(parts), seconds)
         self._deliver(parts, results, self._incoming)
+        return True
 
     def _direct_ok(self, request, rows):
         """An idle server and a small request: nothing could be batched with it, so skip the queue.
@@ -348,3 +360,9 @@ class Batcher:
         for job, _ in parts:
             if not job.future.done():
                 job.future.set_exception(exc)
+
+
+def _timed(fn, *args):
+    """-> (fn(*args), the seconds it took), timed on whichever thread runs it."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0

@@ -606,6 +606,13 @@ def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
     asyncio.run(main())
 
 
+def assert_same_samples(got, alone):
+    """What a request got beside others equals what it gets alone: the same names, and log-probabilities
+    whose last float32 digits may differ (the proto documents this)."""
+    assert [(x.name, x.in_training_data) for x in got] == [(x.name, x.in_training_data) for x in alone]
+    assert [x.logprob for x in got] == pytest.approx([x.logprob for x in alone], rel=1e-5)
+
+
 class GatedEngine(CountingEngine):
     """Holds each run of more than `hold_rows` rows until released, so a test can act during a long run."""
 
@@ -623,28 +630,97 @@ class GatedEngine(CountingEngine):
 
 
 def test_batcher_serves_small_jobs_during_a_long_run(engine):
-    """A small job that arrives during a long run gets an express run at once, with its own names; only_new
-    (which may need several runs) waits for the long run like any other job."""
+    """Small jobs that arrive during a long run get express runs at once (several, when more arrive than
+    one takes), with their own names; only_new (which may need several runs) waits like any other job."""
     import asyncio
 
     from service.batcher import Batcher
-    from service.scheduling import EXPRESS_AFTER_ROWS
     from service.params import GenerateParams
+    from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, SMALL_JOB_ROWS
 
     async def main():
         eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
         b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
         b.start()
-        big_req = eng.request(GenerateParams(num_samples=3000, seed=1), 10**6)
-        big = asyncio.ensure_future(b.submit(big_req, 3000))
-        while not eng.started.is_set():
-            await asyncio.sleep(0.001)
-        new = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=1, seed=3, only_new=True), 100), 1))
-        small = await asyncio.wait_for(b.submit(eng.request(GenerateParams(num_samples=5, seed=2), 100), 5), 10)
-        assert not big.done() and not new.done()  # the long run is still held
-        assert small == engine.generate(GenerateParams(num_samples=5, seed=2))  # the names its seed gives alone
-        eng.release.set()
+        try:
+            big_req = eng.request(GenerateParams(num_samples=3000, seed=1), 10**6)
+            big = asyncio.ensure_future(b.submit(big_req, 3000))
+            while not eng.started.is_set():
+                await asyncio.sleep(0.001)
+            new = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=1, seed=3, only_new=True), 100), 1))
+            n = EXPRESS_ROWS // SMALL_JOB_ROWS + 1  # one more than an express run takes
+            params = [GenerateParams(num_samples=SMALL_JOB_ROWS, seed=10 + i) for i in range(n)]
+            small = [b.submit(eng.request(p, 1000), SMALL_JOB_ROWS) for p in params]
+            small = await asyncio.wait_for(asyncio.gather(*small), 10)
+            assert not big.done() and not new.done()  # the long run is still held (and not yet in eng.runs)
+            for got, p in zip(small, params):
+                assert_same_samples(got, engine.generate(p))  # what their seeds give alone
+            assert eng.runs == [[(10 + i, SMALL_JOB_ROWS) for i in range(n - 1)], [(10 + n - 1, SMALL_JOB_ROWS)]]
+        finally:
+            eng.release.set()
         assert len(await big) == 3000 and len(await new) == 1
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_without_batching_keeps_queue_order(engine):
+    """--max-batch-rows 0, the baseline: one job per run, in queue order (small first would starve a large
+    job there), and no express runs (they batch)."""
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+    from service.scheduling import EXPRESS_AFTER_ROWS
+
+    async def main():
+        eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
+        b = Batcher(eng, max_batch_rows=0, max_wait_ms=0, max_queue=100)
+        b.start()
+        try:
+            jobs = [b.submit(eng.request(GenerateParams(num_samples=n, seed=s), 10**6), n)
+                    for n, s in ((3000, 1), (1, 2), (1, 3))]
+            jobs = [asyncio.ensure_future(j) for j in jobs]
+            while not eng.started.is_set():
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.05)
+            assert not any(j.done() for j in jobs)  # no express runs beside the large one
+        finally:
+            eng.release.set()
+        await asyncio.gather(*jobs)
+        assert eng.runs == [[(1, 3000)], [(2, 1)], [(3, 1)]]  # (the held run is recorded once released)
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_express_runs_beside_a_real_long_run(model_dir):
+    """Express runs and a long sharded run really overlapping (two threads in the engine at once): every
+    request still gets exactly the names its seed gives alone."""
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.engine import Engine
+    from service.params import GenerateParams
+
+    eng = CountingEngine(Engine(model_dir, provider="cpu", threads=2))
+
+    async def main():
+        b = Batcher(eng, max_batch_rows=16384, max_wait_ms=0, max_queue=100)
+        b.start()
+        big_params = GenerateParams(num_samples=16384, seed=1)
+        big = asyncio.ensure_future(b.submit(eng.request(big_params, 10**6), 16384))
+        while not eng.runs:
+            await asyncio.sleep(0)
+        params = [GenerateParams(num_samples=1 + i % 5, seed=100 + i, temperature=0.5 + i / 10) for i in range(40)]
+        small, overlapped = [], 0
+        for p in params:
+            small.append(await b.submit(eng.request(p, 1000), p.num_samples))
+            overlapped += not big.done()
+        assert overlapped  # at least one express run went beside the long run
+        for got, p in zip(small, params):
+            assert_same_samples(got, eng.engine.generate(p))
+        assert_same_samples(await big, eng.engine.generate(big_params))
         await b.close()
 
     asyncio.run(main())

@@ -243,7 +243,7 @@ class Batcher:
                 continue
             if job.request.error:  # e.g. only_new gave up: this request fails, its batch-mates don't
                 job.future.set_exception(job.request.error)
-            elif len(job.samples) >= job.want or job.request.done:
+            elif job.owed <= 0 or job.request.done:
                 job.future.set_result(job.samples)
             else:
                 requeue.append(job)

@@ -25,9 +25,9 @@ from google.protobuf.message import DecodeError
 
 from service import gen_proto
 from service.batcher import QueueFull
-from service.scheduling import DeadlineExceeded
 from service.engine import GenerationError
 from service.params import MAX_LENGTH_LIMIT, GenerateParams, InvalidArgument
+from service.scheduling import DeadlineExceeded
 
 gen_proto.ensure()
 from service.namegen_pb import namegen_pb2 as pb  # noqa: E402

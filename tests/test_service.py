@@ -581,8 +581,8 @@ def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
     import asyncio
 
     from service.batcher import Batcher
-    from service.scheduling import SMALL_JOB_ROWS
     from service.params import GenerateParams
+    from service.scheduling import SMALL_JOB_ROWS
 
     async def main():
         eng = CountingEngine(engine)

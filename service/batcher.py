@@ -225,7 +225,7 @@ class Batcher:
                         raise
                 results, seconds = await run
         except Exception as e:  # noqa: BLE001 - delivered to the requests it concerns
-            self._fail(parts, e)
+            self._fail(self._running, e)  # the run's jobs, and those of an express run a bug stopped midway
             return
         if self.metrics:
             self.metrics.observe_batch(rows, len(parts), seconds)
@@ -279,7 +279,7 @@ class Batcher:
         try:
             results, seconds = _timed(self.engine.run, [(j.request, n) for j, n in parts])
         except Exception as e:  # noqa: BLE001
-            self._fail(parts, e)
+            self._fail([job for job, _ in parts], e)
             return True
         if self.metrics:
             self.metrics.observe_batch(rows, len(parts), seconds)
@@ -356,8 +356,8 @@ class Batcher:
         parts, rows, self._jobs = select(self._jobs, self.cap, self.batching)
         return parts, rows
 
-    def _fail(self, parts, exc):
-        for job, _ in parts:
+    def _fail(self, jobs, exc):
+        for job in jobs:
             if not job.future.done():
                 job.future.set_exception(exc)
 

@@ -664,6 +664,38 @@ def test_batcher_serves_small_jobs_during_a_long_run(engine):
     asyncio.run(main())
 
 
+def test_batcher_bug_in_an_express_run_fails_its_jobs(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+    from service.scheduling import EXPRESS_AFTER_ROWS
+
+    class BrokenExpress(GatedEngine):
+        def run(self, parts):
+            if sum(n for _, n in parts) <= self.hold_rows:
+                return None  # a bug between an express run and handing out its names
+            return super().run(parts)
+
+    async def main():
+        eng = BrokenExpress(engine, hold_rows=EXPRESS_AFTER_ROWS)
+        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
+        b.start()
+        try:
+            big = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3000, seed=1), 10**6), 3000))
+            while not eng.started.is_set():
+                await asyncio.sleep(0.001)
+            with pytest.raises(TypeError):  # failed, not left waiting
+                await asyncio.wait_for(b.submit(eng.request(GenerateParams(num_samples=1, seed=2), 100), 1), 10)
+        finally:
+            eng.release.set()
+        with pytest.raises(TypeError):  # the run in hand fails with it
+            await big
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_batcher_without_batching_keeps_queue_order(engine):
     """--max-batch-rows 0, the baseline: one job per run, in queue order (small first would starve a large
     job there), and no express runs (they batch)."""

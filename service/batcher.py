@@ -206,11 +206,7 @@ class Batcher:
             return
         self._running = [job for job, _ in parts]
         now = time.perf_counter()
-        for job, _ in parts:
-            if not job.served:
-                job.served = True
-                if self.metrics:
-                    self.metrics.queue_time.observe(now - job.enqueued)
+        self._began(parts, now)
         work = [(j.request, n) for j, n in parts]
         try:
             if self._inline(parts, rows, now):
@@ -234,6 +230,14 @@ class Batcher:
         self._jobs.extend(self._incoming)
         self._incoming.clear()
         self._deliver(parts, results, self._jobs)
+
+    def _began(self, parts, now):
+        """These jobs' run begins: the first one of each ends its time in the queue (a metric)."""
+        for job, _ in parts:
+            if not job.served:
+                job.served = True
+                if self.metrics:
+                    self.metrics.queue_time.observe(now - job.enqueued)
 
     def _deliver(self, parts, results, requeue):
         """Hand each job its run's names; a job that wants more goes back into `requeue`."""
@@ -272,10 +276,7 @@ class Batcher:
         if not parts:
             return False
         self._running += [job for job, _ in parts]
-        for job, _ in parts:
-            job.served = True
-            if self.metrics:
-                self.metrics.queue_time.observe(now - job.enqueued)
+        self._began(parts, now)
         try:
             results, seconds = _timed(self.engine.run, [(j.request, n) for j, n in parts])
         except Exception as e:  # noqa: BLE001
@@ -311,11 +312,10 @@ class Batcher:
         return True
 
     def _run_direct(self, request, rows):
-        t0 = time.perf_counter()
-        samples = self.engine.run([(request, min(rows, request.remaining))])[0]
+        (samples,), seconds = _timed(self.engine.run, [(request, min(rows, request.remaining))])
         if self.metrics:
             self.metrics.queue_time.observe(0.0)
-            self.metrics.observe_batch(rows, 1, time.perf_counter() - t0)
+            self.metrics.observe_batch(rows, 1, seconds)
         return samples
 
     def _inline(self, parts, rows, now):

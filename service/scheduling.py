@@ -94,15 +94,14 @@ def select(jobs, cap, batching=True, now=None):
 
 def select_express(jobs, budget=EXPRESS_ROWS, now=None):
     """-> (parts, rows, the others in order): small jobs for an express run of at most `budget` rows.
-    Not only_new, which may need several runs. The others are left for select, which also drops the
-    cancelled and expired ones."""
+    Not only_new, which may need several runs. Jobs that are no longer live are dropped, as select does."""
     now = time.perf_counter() if now is None else now
     parts, rows, rest = [], 0, collections.deque()
     for job in jobs:
+        if not job.live(now):
+            continue
         owed = job.owed
-        expired = job.deadline is not None and now > job.deadline
-        if (job.cancelled or job.future.done() or expired or job.request.params.only_new
-                or not 0 < owed <= SMALL_JOB_ROWS or rows + owed > budget):
+        if job.request.params.only_new or owed > SMALL_JOB_ROWS or rows + owed > budget:
             rest.append(job)
         else:
             parts.append((job, owed))

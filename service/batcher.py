@@ -22,7 +22,8 @@ Policies, and why:
   passed in the queue fail with DeadlineExceeded.
 - max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
 - Score calls (slot, score) count towards max_queue too, hold at most SCORE_CHARS_IN_FLIGHT characters
-  between them, and are scored one at a time in pieces, with model runs for Generate in between.
+  between them, and are scored one at a time in pieces, with model runs for Generate in between; small
+  ones are scored at once on the loop thread.
 """
 import asyncio
 import collections
@@ -38,6 +39,7 @@ from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, Job, pieces, se
 
 SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
 SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
+SCORE_INLINE_CHARS = 256  # a Score call of at most this many characters is scored on the loop thread (<~0.5 ms)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
 PROBE_EVERY = 4  # every 4th lone small run goes to the engine thread anyway (see Batcher._inline)
 
@@ -58,7 +60,9 @@ class Batcher:
         self.cap = min(max_batch_rows, engine.max_rows) if self.batching else engine.max_rows
         # Express runs (see _express_during) batch too, and they are unmeasured on a GPU, where the two
         # runs would share one device (and the loop thread could wait for the long one).
-        self.express = self.batching and getattr(engine, "provider", "cpu") != "cuda"
+        on_cpu = getattr(engine, "provider", "cpu") != "cuda"
+        self.express = self.batching and on_cpu
+        self.inline_score_chars = SCORE_INLINE_CHARS if on_cpu else 0  # see score
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.max_queue = max(1, max_queue)
         self.max_queue_names = max(1, max_queue_names)
@@ -133,10 +137,16 @@ class Batcher:
             self.pending_names -= names
             self.score_chars -= chars
 
-    async def score(self, names):
-        """engine.score of names that passed engine.check_score_names. Calls are scored one at a time, so
-        that under load they finish one by one rather than all late together; each in engine calls of
-        about SCORE_PIECE_CHARS characters, so that model runs for Generate go in between."""
+    async def score(self, names, chars):
+        """engine.score of names that passed engine.check_score_names (`chars` characters in all).
+
+        A small call is scored at once on the loop thread: it takes less than the two thread hand-offs
+        would, and it doesn't wait behind a long model run on the engine thread (on CPU; on a GPU it
+        could wait for the device, so every call goes to the engine thread there). Larger calls are scored
+        one at a time, so that under load they finish one by one rather than all late together; each in
+        engine calls of about SCORE_PIECE_CHARS characters, so that model runs for Generate go in between."""
+        if chars <= self.inline_score_chars:
+            return self.engine.score(names, True)
         async with self._score_lock:
             scores = []
             for piece in pieces(names, SCORE_PIECE_CHARS):

@@ -141,7 +141,7 @@ class Engine:
     def request(self, params: GenerateParams, max_samples=1_000_000) -> Request:
         params = params.validate(self.itos, max_samples)
         ids = [0] * self.block_size + [self.stoi[c] for c in params.prefix]
-        prefix_lp = self._char_logprobs([params.prefix], end=False)[0].sum() if params.prefix else 0.0
+        prefix_lp = self._char_logprobs([params.prefix], end=False)[0].sum() if params.prefix else 0.0  # its characters
         max_draws = max(ONLY_NEW_PROBE, 100 * params.num_samples) if params.only_new else params.num_samples
         return Request(params, ids[len(ids) - self.block_size :], float(prefix_lp), max_draws)
 
@@ -259,25 +259,26 @@ class Engine:
 
     # ---- scoring ----
     def _char_logprobs(self, names, end=True):
-        """log P(char | context) for every character of each name (and the end token): list of (len,) arrays."""
+        """log P(char | context) for every character of each name (and the end token), one name after
+        another. -> ((sum of lens,) float64, (len(names),) int64 lens: each name's count of targets)."""
         B, start = self.block_size, self.itos[0]
         # Every name as B start tokens + its characters (+ the end token), all in one flat array: a
         # target's context is the length-B window just before it. (Names can't contain the start token.)
         text = "".join(start * B + w + (start if end else "") for w in names)
         flat = np.fromiter(map(self.stoi.__getitem__, text), np.int64, len(text))
-        lens = np.array([len(w) + end for w in names], np.int64)  # targets per name
+        lens = np.fromiter(map(len, names), np.int64, len(names)) + end  # targets per name
         blocks = np.cumsum(B + lens) - (B + lens)  # where each name's block starts in flat
         # (T,) window start of every target: name i's j-th target has its context at blocks[i] + j
         first = np.repeat(blocks - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
-        ctx = np.lib.stride_tricks.sliding_window_view(flat, B)[first]  # (T, B)
+        ctx = flat[first[:, None] + np.arange(B)]  # (T, B)
         tgt = flat[first + B]  # (T,)
         lp = np.empty(len(tgt), np.float64)
         for i in range(0, len(tgt), self.max_rows):
             logits = self.logits_model.run(None, {"context": ctx[i : i + self.max_rows]})[0].astype(np.float64)
             m = logits.max(1, keepdims=True)
             logz = m[:, 0] + np.log(np.exp(logits - m).sum(1))
-            lp[i : i + self.max_rows] = logits[np.arange(len(logits)), tgt[i : i + self.max_rows]] - logz
-        return np.split(lp, np.cumsum(lens)[:-1])
+            lp[i : i + self.max_rows] = np.take_along_axis(logits, tgt[i : i + self.max_rows, None], 1)[:, 0] - logz
+        return lp, lens
 
     def check_score_names(self, names):
         """Every check of a Score call, in passes that run at C speed (~10 ms per million characters), so
@@ -302,7 +303,11 @@ class Engine:
         checked: check_score_names already passed on these names (or a list they come from)."""
         if not checked:
             self.check_score_names(names)
-        return [(float(lp.sum()), lp.tolist()) for lp in self._char_logprobs(names)]
+        lp, lens = self._char_logprobs(names)
+        # Per name: the sum and the list, cut from one array and one list (not a numpy call per name).
+        totals = np.add.reduceat(lp, np.cumsum(lens) - lens).tolist()  # every lens >= 1: the end token
+        flat, ends = lp.tolist(), np.cumsum(lens).tolist()
+        return [(total, flat[e - n : e]) for total, e, n in zip(totals, ends, lens.tolist())]
 
     def warmup(self):
         """Run every path once so the first real request doesn't pay for lazy initialisation."""

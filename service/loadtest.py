@@ -2,19 +2,22 @@
 
     python -m service.loadtest --concurrency 1,8,64 --duration 5 --procs 2
     python -m service.loadtest --rpc stream --names-per-request 100000 --concurrency 1 --requests 3
+    python -m service.loadtest --rpc score --names-per-request 8 --concurrency 1,8
     python -m service.loadtest --target 127.0.0.1:50051,127.0.0.1:50052 --concurrency 64
 
 Each step runs `concurrency` in-flight RPCs (each waits for its answer, then sends the next),
 split over --procs client processes so that one Python client's CPU isn't what is measured.
 The first --warmup seconds of a step are not counted; a step ends after --duration seconds or
 --requests counted requests, whichever comes first, and every RPC has a deadline, so a run is
-bounded in count and time. Several targets are balanced client-side with gRPC's round_robin.
+bounded in count and time. Several targets are balanced client-side with gRPC's round_robin. Score calls score names the server
+generated for this run (one Generate call before the first step).
 Only loopback targets are accepted: this tool is for measuring a local server.
 """
 import argparse
 import asyncio
 import collections
 import ipaddress
+import itertools
 import json
 import math
 import multiprocessing
@@ -33,6 +36,7 @@ from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 MAX_CONCURRENCY = 4096  # in-flight RPCs per step: a load generator, not a flood
+SCORE_REQUESTS = 64  # distinct Score requests cycled through (from one pool of names)
 
 
 def channel_target(targets):
@@ -68,6 +72,7 @@ class Tally:
         self.win_start = t_start + cfg["warmup"]
         self.win_end = self.win_start + cfg["duration"]
         self.quota = quota
+        self.cfg_rpc = cfg["rpc"]
         self.lat, self.errors, self.names, self.started = [], collections.Counter(), 0, 0
         self.details = {}  # status code -> the first error message seen with it
         self.last_end = self.win_start
@@ -79,6 +84,10 @@ class Tally:
         self.base = base
         self.fixed = pb.GenerateRequest(seed=cfg["seed"], **base) if cfg["seed"] is not None else None
         self.seq = iter(range(cfg["seed_base"], 1 << 62))
+        if cfg["rpc"] == "score":  # consecutive slices of the pool, wrapping around
+            pool, n = cfg["pool"], cfg["names"]
+            names = [pool[(k * n + j) % len(pool)] for k in range(SCORE_REQUESTS) for j in range(n)]
+            self.scores = itertools.cycle([pb.ScoreRequest(names=names[k * n : (k + 1) * n]) for k in range(SCORE_REQUESTS)])
 
     def next(self):
         """(request, counted) for the next call, or None when the step is over."""
@@ -87,6 +96,8 @@ class Tally:
             return None
         counted = now >= self.win_start
         self.started += counted
+        if self.cfg_rpc == "score":
+            return next(self.scores), counted
         return self.fixed or pb.GenerateRequest(seed=next(self.seq), **self.base), counted
 
     def record(self, counted, seconds, names, code, detail=None):
@@ -112,6 +123,32 @@ def _unreachable(cfg):
             "names": 0, "span": 0.0}
 
 
+def _sync_call(stub, rpc, timeout):
+    """request -> names in the reply, for the blocking client."""
+    if rpc == "stream":
+        return lambda req: sum(len(resp.samples) for resp in stub.GenerateStream(req, timeout=timeout))
+    if rpc == "score":
+        return lambda req: len(stub.Score(req, timeout=timeout).scores)
+    return lambda req: len(stub.Generate(req, timeout=timeout).samples)
+
+
+def _aio_call(stub, rpc, timeout):
+    """request -> names in the reply, for the asyncio client."""
+    async def stream(req):
+        n = 0
+        async for resp in stub.GenerateStream(req, timeout=timeout):
+            n += len(resp.samples)
+        return n
+
+    async def score(req):
+        return len((await stub.Score(req, timeout=timeout)).scores)
+
+    async def generate(req):
+        return len((await stub.Generate(req, timeout=timeout)).samples)
+
+    return {"stream": stream, "score": score, "generate": generate}[rpc]
+
+
 def _options(cfg):
     options = list(CHANNEL_OPTIONS)
     if cfg["target"].startswith("ipv4:"):
@@ -128,7 +165,7 @@ async def _run_aio(cfg, concurrency, quota, t_start):
             await asyncio.wait_for(channel.channel_ready(), max(1.0, t_start - time.monotonic() + 5))
         except asyncio.TimeoutError:
             return _unreachable(cfg)
-        generate, stream, timeout = stub.Generate, stub.GenerateStream, cfg["timeout"]
+        call = _aio_call(stub, cfg["rpc"], cfg["timeout"])
 
         async def worker():
             while (item := tally.next()) is not None:
@@ -136,11 +173,7 @@ async def _run_aio(cfg, concurrency, quota, t_start):
                 t0 = time.perf_counter()
                 n, code, detail = 0, None, None
                 try:
-                    if cfg["rpc"] == "stream":
-                        async for resp in stream(req, timeout=timeout):
-                            n += len(resp.samples)
-                    else:
-                        n = len((await generate(req, timeout=timeout)).samples)
+                    n = await call(req)
                 except grpc.aio.AioRpcError as e:
                     code, detail = e.code().name, e.details()
                 tally.record(counted, time.perf_counter() - t0, n, code, detail)
@@ -160,7 +193,7 @@ def _run_sync(cfg, concurrency, quota, t_start):
         except grpc.FutureTimeoutError:
             return _unreachable(cfg)
         stub = pb_grpc.NameGeneratorStub(channel)
-        generate, stream, timeout = stub.Generate, stub.GenerateStream, cfg["timeout"]
+        call = _sync_call(stub, cfg["rpc"], cfg["timeout"])
 
         def worker():
             time.sleep(max(0.0, t_start - time.monotonic()))
@@ -173,10 +206,7 @@ def _run_sync(cfg, concurrency, quota, t_start):
                 t0 = time.perf_counter()
                 n, code, detail = 0, None, None
                 try:
-                    if cfg["rpc"] == "stream":
-                        n = sum(len(resp.samples) for resp in stream(req, timeout=timeout))
-                    else:
-                        n = len(generate(req, timeout=timeout).samples)
+                    n = call(req)
                 except grpc.RpcError as e:
                     code, detail = e.code().name, e.details()
                 dt = time.perf_counter() - t0
@@ -199,6 +229,19 @@ def _proc_main(args):
     if client == "sync":
         return _run_sync(*args)
     return asyncio.run(_run_aio(*args))
+
+
+def score_pool(cfg):
+    """Names to score: SCORE_REQUESTS requests' worth (at most 10,000), generated by the server itself, so
+    they are in its vocabulary whatever it was trained on."""
+    n = min(SCORE_REQUESTS * cfg["names"], 10_000)
+    req = pb.GenerateRequest(num_samples=n, seed=cfg["seed"] or 0, max_length=cfg["max_length"])
+    with grpc.insecure_channel(cfg["target"], options=_options(cfg)) as channel:
+        try:
+            reply = pb_grpc.NameGeneratorStub(channel).Generate(req, timeout=max(30.0, cfg["timeout"]))
+        except grpc.RpcError as e:
+            raise SystemExit(f"error: cannot get names to score from {cfg['target']}: {e.code().name}: {e.details()}") from None
+    return [s.name for s in reply.samples]
 
 
 def run_step(cfg, concurrency, pool):
@@ -258,12 +301,13 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ap.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT, or several comma-separated (round_robin)")
-    ap.add_argument("--rpc", choices=("generate", "stream"), default="generate", help="Generate or GenerateStream")
+    ap.add_argument("--rpc", choices=("generate", "stream", "score"), default="generate",
+                    help="Generate, GenerateStream, or Score (of names the server generated)")
     ap.add_argument("--concurrency", default="1", help="in-flight RPCs; a comma list runs a sweep, e.g. 1,8,64")
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (upper bound)")
     ap.add_argument("--requests", type=int, default=0, help="stop a step after this many measured requests; 0 = by time")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds at the start of each step that are not measured")
-    ap.add_argument("--names-per-request", type=int, default=1, help="num_samples of each request")
+    ap.add_argument("--names-per-request", type=int, default=1, help="num_samples of each request (Score: names)")
     ap.add_argument("--chunk-size", type=int, default=10_000, help="GenerateStream chunk size")
     ap.add_argument("--max-length", type=int, default=32, help="max_length of each request")
     ap.add_argument("--only-new", action="store_true", help="set only_new on each request")
@@ -320,6 +364,8 @@ def main(argv=None):
     }
     print(f"# {args.rpc} x{args.names_per_request} names -> {cfg['target']}, procs={args.procs}, "
           f"warmup={args.warmup:g}s, duration<={args.duration:g}s" + (f", requests<={args.requests}" if args.requests else ""))
+    if args.rpc == "score":
+        cfg["pool"] = score_pool(cfg)
     print(HEADER, flush=True)
     steps = []
     # spawn, not fork: a forked gRPC client is unsafe, and workers must not inherit the parent's state.
@@ -335,7 +381,7 @@ def main(argv=None):
         if pool:
             pool.terminate()
     if args.json:
-        out = {"config": {k: v for k, v in cfg.items() if k != "seed_base"}, "steps": steps}
+        out = {"config": {k: v for k, v in cfg.items() if k not in ("seed_base", "pool")}, "steps": steps}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 1 if any(s["ok"] == 0 for s in steps) else 0

@@ -256,8 +256,9 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             names = list(_parsed(request).names)
             if len(names) > self.max_samples:
                 raise InvalidArgument("names", f"at most {self.max_samples} names per request, got {len(names)}")
-            with self.batcher.slot(self.engine.check_score_names(names)):
-                scores = await self.batcher.score(names)
+            chars = self.engine.check_score_names(names)
+            with self.batcher.slot(chars):
+                scores = await self.batcher.score(names, chars)
                 resp = pb.ScoreResponse()
                 add = resp.scores.add
                 for i, (name, (total, per)) in enumerate(zip(names, scores)):

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service import gen_proto
-from tests.service_fixtures import ROOT, ServerProcess, channel, model_dir, server, start_server  # noqa: F401
+from tests.service_fixtures import ROOT, ServerProcess, channel, free_port, model_dir, server, start_server  # noqa: F401
 
 gen_proto.ensure()
 from service.namegen_pb import namegen_pb2 as pb  # noqa: E402
@@ -509,6 +509,22 @@ def test_loadtest_cli(server, tmp_path):
     assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)
 
 
+@pytest.mark.parametrize("client", ["sync", "aio"])
+def test_loadtest_score(server, tmp_path, client):
+    out = tmp_path / "lt.json"
+    r = run_cli("service.loadtest", "--target", server.target, "--rpc", "score", "--names-per-request", "3",
+                "--concurrency", "2", "--client", client, "--warmup", "0", "--duration", "2", "--requests", "20",
+                "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (step,) = json.loads(out.read_text())["steps"]
+    assert step["ok"] >= 20 and not step["errors"] and step["names_per_s"] == pytest.approx(3 * step["rps"])
+
+
+def test_loadtest_score_without_a_server():
+    r = run_cli("service.loadtest", "--target", f"127.0.0.1:{free_port()}", "--rpc", "score", "--duration", "1")
+    assert r.returncode != 0 and "error: cannot get names to score from" in r.stderr and "UNAVAILABLE" in r.stderr
+
+
 def test_loadtest_reports_why_requests_failed(server):
     r = run_cli("service.loadtest", "--target", server.target, "--max-length", "65", "--warmup", "0",
                 "--duration", "1", "--requests", "5")
@@ -544,6 +560,9 @@ class CountingEngine:
             self.rows[req.params.seed] = self.rows.get(req.params.seed, 0) + n
         self.runs.append([(req.params.seed, n) for req, n in parts])
         return self.engine.run(parts)
+
+    def score(self, names, checked=False):
+        return self.engine.score(names, checked)
 
 
 @pytest.fixture(scope="module")
@@ -903,7 +922,7 @@ def test_score_in_several_engine_calls(stub, engine):
     async def main():
         b = Batcher(counting)
         try:
-            return await b.score(names)
+            return await b.score(names, sum(map(len, names)))
         finally:
             await b.close()
 
@@ -911,6 +930,41 @@ def test_score_in_several_engine_calls(stub, engine):
     scores = asyncio.run(main())
     assert len(counting.calls) >= 3 and max(counting.calls) <= SCORE_PIECE_CHARS
     assert scores == engine.score(names)
+
+
+@pytest.mark.parametrize("provider", ["cpu", "cuda"])
+def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider):
+    """On CPU a small Score call is scored on the loop thread, not behind a long model run on the engine
+    thread; a larger one waits its turn there. On a GPU (where the two could contend for the device) every
+    call waits its turn."""
+    import asyncio
+
+    from service.batcher import SCORE_INLINE_CHARS, Batcher
+    from service.params import GenerateParams
+    from service.scheduling import EXPRESS_AFTER_ROWS
+
+    small, large = ["emma", "zoe"], ["abcdefghij"] * (SCORE_INLINE_CHARS // 10 + 1)
+
+    async def main():
+        eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
+        eng.provider = provider
+        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0)
+        b.start()
+        try:
+            big = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3000, seed=1), 10**6), 3000))
+            while not eng.started.is_set():
+                await asyncio.sleep(0.001)
+            calls = [asyncio.ensure_future(b.score(names, sum(map(len, names)))) for names in (small, large)]
+            await asyncio.sleep(0.1)
+            assert [c.done() for c in calls] == [provider == "cpu", False] and not big.done()
+            eng.release.set()
+            assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [engine.score(small), engine.score(large)]
+            assert len(await big) == 3000
+        finally:
+            eng.release.set()
+            await b.close()
+
+    asyncio.run(main())
 
 
 def test_score_load_is_bounded(stub, channel):

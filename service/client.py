@@ -128,10 +128,11 @@ def cmd_stream(stub, args):
 def cmd_score(stub, args):
     names = [_utf8(w, "name") for w in args.names]
     resp = stub.Score(pb.ScoreRequest(names=names), timeout=_timeout(args))
-    width = max(len(s.name) for s in resp.scores)
-    for s in resp.scores:
+    shown = [s.name or '""' for s in resp.scores]  # as generate shows an empty name
+    width = max(map(len, shown))
+    for name, s in zip(shown, resp.scores):
         per = " ".join(f"{c}:{lp:.2f}" for c, lp in zip(s.name + ".", s.char_logprobs))
-        print(f"{s.name:<{width}}  {s.logprob:9.4f}  {per}")
+        print(f"{name:<{width}}  {s.logprob:9.4f}  {per}")
 
 
 def cmd_info(stub, args):

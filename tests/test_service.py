@@ -473,6 +473,11 @@ def test_client_cli(server):
     info = json.loads(r.stdout)  # integers read as integers, not "12097" or 3.0
     assert r.returncode == 0 and isinstance(info["num_params"], int) and isinstance(info["config"]["block_size"], int)
     assert info["num_params"] > 0 and isinstance(info["metrics"]["val_loss"], float)
+    r = run_cli("service.client", "--target", server.target, "score", "emma", "")
+    emma, empty = r.stdout.splitlines()
+    # name, total, then each character's logprob and the end token's
+    assert r.returncode == 0 and emma.split()[0] == "emma" and [w[:2] for w in emma.split()[2:]] == ["e:", "m:", "m:", "a:", ".:"]
+    assert empty.split()[0] == '""' and empty.split()[2].startswith(".:") and len(empty.split()) == 3, r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -39,7 +39,8 @@ from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, Job, pieces, se
 
 SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
 SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
-SCORE_INLINE_CHARS = 256  # a Score call of at most this many characters is scored on the loop thread (<~0.5 ms)
+SCORE_INLINE_CHARS = 256  # a Score call of at most this many characters (end tokens included) is scored on the
+                          # loop thread: ~0.5 ms at most
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
 PROBE_EVERY = 4  # every 4th lone small run goes to the engine thread anyway (see Batcher._inline)
 
@@ -145,7 +146,7 @@ class Batcher:
         could wait for the device, so every call goes to the engine thread there). Larger calls are scored
         one at a time, so that under load they finish one by one rather than all late together; each in
         engine calls of about SCORE_PIECE_CHARS characters, so that model runs for Generate go in between."""
-        if chars <= self.inline_score_chars:
+        if chars + len(names) <= self.inline_score_chars:  # the cost is per character and per end token
             return self.engine.score(names, True)
         async with self._score_lock:
             scores = []

@@ -948,7 +948,8 @@ def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider):
     from service.params import GenerateParams
     from service.scheduling import EXPRESS_AFTER_ROWS
 
-    small, large = ["emma", "zoe"], ["abcdefghij"] * (SCORE_INLINE_CHARS // 10 + 1)
+    small, large = ["emma", "zoe"], ["abcdefghij"] * (SCORE_INLINE_CHARS // 11 + 1)
+    empty = [""] * (SCORE_INLINE_CHARS + 1)  # no characters, but end tokens to score
 
     async def main():
         eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
@@ -959,11 +960,11 @@ def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider):
             big = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3000, seed=1), 10**6), 3000))
             while not eng.started.is_set():
                 await asyncio.sleep(0.001)
-            calls = [asyncio.ensure_future(b.score(names, sum(map(len, names)))) for names in (small, large)]
+            calls = [asyncio.ensure_future(b.score(names, sum(map(len, names)))) for names in (small, large, empty)]
             await asyncio.sleep(0.1)
-            assert [c.done() for c in calls] == [provider == "cpu", False] and not big.done()
+            assert [c.done() for c in calls] == [provider == "cpu", False, False] and not big.done()
             eng.release.set()
-            assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [engine.score(small), engine.score(large)]
+            assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [engine.score(w) for w in (small, large, empty)]
             assert len(await big) == 3000
         finally:
             eng.release.set()

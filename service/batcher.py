@@ -40,7 +40,7 @@ from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, Job, pieces, se
 SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
 SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
 SCORE_INLINE_CHARS = 256  # a Score call of at most this many characters (end tokens included) is scored on the
-                          # loop thread: ~0.5 ms at most
+                          # loop thread: 0.5-1 ms at most here (each name costs more than a character)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
 PROBE_EVERY = 4  # every 4th lone small run goes to the engine thread anyway (see Batcher._inline)
 
@@ -63,7 +63,7 @@ class Batcher:
         # runs would share one device (and the loop thread could wait for the long one).
         on_cpu = getattr(engine, "provider", "cpu") != "cuda"
         self.express = self.batching and on_cpu
-        self.inline_score_chars = SCORE_INLINE_CHARS if on_cpu else 0  # see score
+        self.inline_score_chars = SCORE_INLINE_CHARS if on_cpu and inline_rows else 0  # see score
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.max_queue = max(1, max_queue)
         self.max_queue_names = max(1, max_queue_names)
@@ -142,8 +142,8 @@ class Batcher:
         """engine.score of names that passed engine.check_score_names (`chars` characters in all).
 
         A small call is scored at once on the loop thread: it takes less than the two thread hand-offs
-        would, and it doesn't wait behind a long model run on the engine thread (on CPU; on a GPU it
-        could wait for the device, so every call goes to the engine thread there). Larger calls are scored
+        would, and it doesn't wait behind a long model run on the engine thread (on CPU, unless inline_rows
+        is 0; on a GPU it could wait for the device, so every call goes to the engine thread there). Larger calls are scored
         one at a time, so that under load they finish one by one rather than all late together; each in
         engine calls of about SCORE_PIECE_CHARS characters, so that model runs for Generate go in between."""
         if chars + len(names) <= self.inline_score_chars:  # the cost is per character and per end token

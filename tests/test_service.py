@@ -937,11 +937,11 @@ def test_score_in_several_engine_calls(stub, engine):
     assert scores == engine.score(names)
 
 
-@pytest.mark.parametrize("provider", ["cpu", "cuda"])
-def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider):
+@pytest.mark.parametrize("provider, inline_rows", [("cpu", 16), ("cuda", 16), ("cpu", 0)])
+def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider, inline_rows):
     """On CPU a small Score call is scored on the loop thread, not behind a long model run on the engine
-    thread; a larger one waits its turn there. On a GPU (where the two could contend for the device) every
-    call waits its turn."""
+    thread; a larger one waits its turn there. On a GPU (where the two could contend for the device), or
+    with inline runs turned off, every call waits its turn."""
     import asyncio
 
     from service.batcher import SCORE_INLINE_CHARS, Batcher
@@ -954,7 +954,7 @@ def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider):
     async def main():
         eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
         eng.provider = provider
-        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0)
+        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, inline_rows=inline_rows)
         b.start()
         try:
             big = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3000, seed=1), 10**6), 3000))
@@ -962,7 +962,7 @@ def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider):
                 await asyncio.sleep(0.001)
             calls = [asyncio.ensure_future(b.score(names, sum(map(len, names)))) for names in (small, large, empty)]
             await asyncio.sleep(0.1)
-            assert [c.done() for c in calls] == [provider == "cpu", False, False] and not big.done()
+            assert [c.done() for c in calls] == [provider == "cpu" and inline_rows > 0, False, False] and not big.done()
             eng.release.set()
             assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [engine.score(w) for w in (small, large, empty)]
             assert len(await big) == 3000

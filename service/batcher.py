@@ -143,9 +143,10 @@ class Batcher:
 
         A small call is scored at once on the loop thread: it takes less than the two thread hand-offs
         would, and it doesn't wait behind a long model run on the engine thread (on CPU, unless inline_rows
-        is 0; on a GPU it could wait for the device, so every call goes to the engine thread there). Larger calls are scored
-        one at a time, so that under load they finish one by one rather than all late together; each in
-        engine calls of about SCORE_PIECE_CHARS characters, so that model runs for Generate go in between."""
+        is 0; on a GPU it could wait for the device, so every call goes to the engine thread there).
+        Larger calls are scored one at a time, so that under load they finish one by one rather than all
+        late together; each in engine calls of about SCORE_PIECE_CHARS characters, so that model runs for
+        Generate go in between."""
         if chars + len(names) <= self.inline_score_chars:  # the cost is per character and per end token
             return self.engine.score(names, True)
         async with self._score_lock:

@@ -938,11 +938,12 @@ def test_score_in_several_engine_calls(stub, engine):
 
 
 @pytest.mark.parametrize("provider, inline_rows", [("cpu", 16), ("cuda", 16), ("cpu", 0)])
-def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider, inline_rows):
-    """On CPU a small Score call is scored on the loop thread, not behind a long model run on the engine
-    thread; a larger one waits its turn there. On a GPU (where the two could contend for the device), or
-    with inline runs turned off, every call waits its turn."""
+def test_batcher_scores_during_a_long_run(engine, provider, inline_rows):
+    """Score calls don't wait behind a long model run on the engine thread. On CPU a small one is scored
+    on the loop thread; larger ones (and every one on a GPU, or with inline runs turned off) on the score
+    thread."""
     import asyncio
+    import threading
 
     from service.batcher import SCORE_INLINE_CHARS, Batcher
     from service.params import GenerateParams
@@ -951,8 +952,15 @@ def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider, 
     small, large = ["emma", "zoe"], ["abcdefghij"] * (SCORE_INLINE_CHARS // 11 + 1)
     empty = [""] * (SCORE_INLINE_CHARS + 1)  # no characters, but end tokens to score
 
+    class Recording(GatedEngine):
+        threads = {}
+
+        def score(self, names, checked=False):
+            self.threads[len(names)] = threading.current_thread().name
+            return super().score(names, checked)
+
     async def main():
-        eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
+        eng = Recording(engine, hold_rows=EXPRESS_AFTER_ROWS)
         eng.provider = provider
         b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, inline_rows=inline_rows)
         b.start()
@@ -960,15 +968,18 @@ def test_batcher_scores_small_calls_at_once_during_a_long_run(engine, provider, 
             big = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3000, seed=1), 10**6), 3000))
             while not eng.started.is_set():
                 await asyncio.sleep(0.001)
-            calls = [asyncio.ensure_future(b.score(names, sum(map(len, names)))) for names in (small, large, empty)]
-            await asyncio.sleep(0.1)
-            assert [c.done() for c in calls] == [provider == "cpu" and inline_rows > 0, False, False] and not big.done()
+            calls = [b.score(names, sum(map(len, names))) for names in (small, large, empty)]
+            got = await asyncio.wait_for(asyncio.gather(*calls), 10)  # while the long run is held
+            assert got == [engine.score(w) for w in (small, large, empty)] and not big.done()
             eng.release.set()
-            assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [engine.score(w) for w in (small, large, empty)]
             assert len(await big) == 3000
         finally:
             eng.release.set()
             await b.close()
+        inline = provider == "cpu" and inline_rows > 0
+        where = [eng.threads[len(w)] for w in (small, large, empty)]
+        assert where[0] == (threading.current_thread().name if inline else where[1])
+        assert where[1].startswith("score") and where[2].startswith("score")
 
     asyncio.run(main())
 

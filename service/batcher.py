@@ -37,7 +37,7 @@ from service.busypoll import BusyPoll, stop_task
 from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, Job, pieces, select, select_express
 
 
-SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters, between model runs
+SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters (cancellable between)
 SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
 SCORE_INLINE_CHARS = 256  # a Score call of at most this many characters (end tokens included) is scored on the
                           # loop thread: 0.5-1 ms at most here (each name costs more than a character)

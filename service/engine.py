@@ -144,7 +144,7 @@ class Engine:
     def request(self, params: GenerateParams, max_samples=1_000_000) -> Request:
         params = params.validate(self.itos, max_samples)
         ids = [0] * self.block_size + [self.stoi[c] for c in params.prefix]
-        prefix_lp = self._char_logprobs([params.prefix], end=False)[0].sum() if params.prefix else 0.0  # its characters
+        prefix_lp = self._char_logprobs([params.prefix], end=False)[0].sum() if params.prefix else 0.0
         max_draws = max(ONLY_NEW_PROBE, 100 * params.num_samples) if params.only_new else params.num_samples
         return Request(params, ids[len(ids) - self.block_size :], float(prefix_lp), max_draws)
 

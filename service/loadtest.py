@@ -9,8 +9,8 @@ Each step runs `concurrency` in-flight RPCs (each waits for its answer, then sen
 split over --procs client processes so that one Python client's CPU isn't what is measured.
 The first --warmup seconds of a step are not counted; a step ends after --duration seconds or
 --requests counted requests, whichever comes first, and every RPC has a deadline, so a run is
-bounded in count and time. Several targets are balanced client-side with gRPC's round_robin. Score calls score names the server
-generated for this run (one Generate call before the first step).
+bounded in count and time. Several targets are balanced client-side with gRPC's round_robin.
+Score calls score names the server generated for the run (one Generate call before the first step).
 Only loopback targets are accepted: this tool is for measuring a local server.
 """
 import argparse
@@ -72,7 +72,7 @@ class Tally:
         self.win_start = t_start + cfg["warmup"]
         self.win_end = self.win_start + cfg["duration"]
         self.quota = quota
-        self.cfg_rpc = cfg["rpc"]
+        self.rpc = cfg["rpc"]
         self.lat, self.errors, self.names, self.started = [], collections.Counter(), 0, 0
         self.details = {}  # status code -> the first error message seen with it
         self.last_end = self.win_start
@@ -97,7 +97,7 @@ class Tally:
             return None
         counted = now >= self.win_start
         self.started += counted
-        if self.cfg_rpc == "score":
+        if self.rpc == "score":
             return next(self.scores), counted
         return self.fixed or pb.GenerateRequest(seed=next(self.seq), **self.base), counted
 

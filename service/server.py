@@ -50,8 +50,8 @@ def parse_args(argv=None):
                          "(a lone request never waits)")
     ap.add_argument("--inline-rows", type=int, default=16,
                     help="without concurrent traffic, a lone request of at most this many names runs on the event "
-                         "loop thread instead of the engine thread (saves two thread hand-offs), as Score calls of "
-                         "up to 256 characters always do; 0 = never, for either")
+                         "loop thread instead of the engine thread (saves two thread hand-offs); so are Score calls of "
+                         "up to 256 characters; 0 = neither")
     ap.add_argument("--busy-poll-ms", type=float, default=BUSY_POLL_MS,
                     help="after an RPC, keep the event loop polling this long instead of sleeping, while the server "
                          "is otherwise quiet: one-at-a-time requests then find the CPU awake (costs CPU only "

@@ -243,7 +243,8 @@ def score_pool(cfg):
             reply = stub.Generate(pb.GenerateRequest(num_samples=n, seed=cfg["seed"] or 0, max_length=cfg["max_length"]),
                                   timeout=timeout)
         except grpc.RpcError as e:
-            raise SystemExit(f"error: cannot get names to score from {cfg['target']}: {e.code().name}: {e.details()}") from None
+            why = "not reachable" if e.code() == grpc.StatusCode.UNAVAILABLE else e.details()
+            raise SystemExit(f"error: cannot get names to score from {cfg['target']}: {e.code().name}: {why}") from None
     return [s.name for s in reply.samples]
 
 

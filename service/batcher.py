@@ -22,8 +22,8 @@ Policies, and why:
   passed in the queue fail with DeadlineExceeded.
 - max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
 - Score calls (slot, score) count towards max_queue too and hold at most SCORE_CHARS_IN_FLIGHT characters
-  between them. They never wait for Generate's model runs: small ones are scored at once on the loop
-  thread, larger ones one at a time on a thread of their own.
+  between them. On CPU they never wait for Generate's model runs: small ones are scored at once on the
+  loop thread, larger ones one at a time on a thread of their own.
 """
 import asyncio
 import collections
@@ -79,7 +79,8 @@ class Batcher:
         self._task = None
         self._last_batch = 1  # requests served by the previous run
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
-        self._score_executor = ThreadPoolExecutor(1, thread_name_prefix="score")
+        # On a GPU, Score stays on the engine thread: beside a model run it would share the device, unmeasured.
+        self._score_executor = ThreadPoolExecutor(1, thread_name_prefix="score") if on_cpu else self._executor
         self.busy_poll = BusyPoll(busy_poll_ms, self.quiet)
 
     def start(self):
@@ -95,7 +96,7 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("server is shutting down"))
         self._executor.shutdown(wait=True)
-        self._score_executor.shutdown(wait=True)
+        self._score_executor.shutdown(wait=True)  # (the same executor on a GPU: a second shutdown is a no-op)
 
     def quiet(self):
         """Nothing pending and no concurrent traffic lately: the loop may busy-poll (see service.busypoll)."""
@@ -143,11 +144,12 @@ class Batcher:
     async def score(self, names, chars):
         """engine.score of names that passed engine.check_score_names (`chars` characters in all).
 
-        Scoring never waits behind Generate's model runs (a run of 4,096 rows took ~40 ms here). A small
-        call is scored at once on the loop thread, which takes less than two thread hand-offs would (on
-        CPU, unless inline_rows is 0; on a GPU it could wait for the device). Larger calls go to the score
-        thread one at a time, so that under load they finish one by one rather than all late together,
-        each in engine calls of about SCORE_PIECE_CHARS characters (a cancelled call stops between them)."""
+        On CPU, scoring never waits behind Generate's model runs (a run of 4,096 rows took ~40 ms here). A
+        small call is scored at once on the loop thread, which takes less than two thread hand-offs would
+        (unless inline_rows is 0). Larger calls go to the score thread (on a GPU, the engine thread, between
+        model runs) one at a time, so that under load they finish one by one rather than all late
+        together, each in engine calls of about SCORE_PIECE_CHARS characters (a cancelled call stops
+        between them)."""
         if chars + len(names) <= self.inline_score_chars:  # the cost is per character and per end token
             return self.engine.score(names, True)
         loop = asyncio.get_running_loop()

@@ -125,8 +125,24 @@ def cmd_stream(stub, args):
     print(f"{n:,} names in {chunks} chunks, {dt:.2f}s ({n / max(dt, 1e-9):,.0f} names/s), seed: {seed}", file=sys.stderr)
 
 
+def _names_in(path):
+    """The names in a file (or stdin for "-"), one per line as in a training word list; blank lines skipped."""
+    try:
+        if path == "-":
+            text = sys.stdin.buffer.read().decode("utf-8")
+        else:
+            text = Path(_utf8(path, "--file")).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UsageError(f"--file {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--file {path}: not UTF-8 text (byte {e.start})") from None
+    return [w for w in (line.strip() for line in text.splitlines()) if w]
+
+
 def cmd_score(stub, args):
-    names = [_utf8(w, "name") for w in args.names]
+    names = [_utf8(w, "name") for w in args.names] + (_names_in(args.file) if args.file is not None else [])
+    if not names:
+        raise UsageError("give names to score, or --file")
     resp = stub.Score(pb.ScoreRequest(names=names), timeout=_timeout(args))
     shown = [s.name or '""' for s in resp.scores]  # as generate shows an empty name
     width = max(map(len, shown))
@@ -187,7 +203,8 @@ def parse_args(argv=None):
     s.set_defaults(func=cmd_stream)
 
     sc = sub.add_parser("score", parents=[common], help="log-probability of names under the model")
-    sc.add_argument("names", nargs="+", help="names to score")
+    sc.add_argument("names", nargs="*", help="names to score")
+    sc.add_argument("--file", help="also score the names in this file, one per line (- = standard input)")
     sc.set_defaults(func=cmd_score)
 
     i = sub.add_parser("info", parents=[common], help="model and server information")

@@ -464,7 +464,7 @@ def run_cli(*args):
                           timeout=120)
 
 
-def test_client_cli(server):
+def test_client_cli(server, tmp_path):
     r = run_cli("service.client", "--target", server.target, "generate", "-n", "3", "--seed", "5")
     assert r.returncode == 0 and "seed: 5" in r.stdout and len(r.stdout.splitlines()) == 4, r.stderr
     r = run_cli("service.client", "generate", "--target", server.target, "--temperature", "0")
@@ -478,6 +478,10 @@ def test_client_cli(server):
     # name, total, then each character's logprob and the end token's
     assert r.returncode == 0 and emma.split()[0] == "emma" and [w[:2] for w in emma.split()[2:]] == ["e:", "m:", "m:", "a:", ".:"]
     assert empty.split()[0] == '""' and empty.split()[2].startswith(".:") and len(empty.split()) == 3, r.stdout
+    listed = tmp_path / "names.txt"
+    listed.write_text("emma\n\n olivia \n")  # a word list: blank lines skipped, spaces stripped
+    r = run_cli("service.client", "--target", server.target, "score", "zoe", "--file", listed)
+    assert r.returncode == 0 and [line.split()[0] for line in r.stdout.splitlines()] == ["zoe", "emma", "olivia"], r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -488,6 +492,8 @@ def test_client_cli(server):
     (("generate", "--timeout", "nan"), "error: --timeout nan: give a finite number"),
     (("generate", "--prefix", os.fsdecode(b"\xe9")), "error: --prefix b'\\xe9': not valid UTF-8"),
     (("score", "emma", os.fsdecode(b"\xe9mma")), "error: name b'\\xe9mma': not valid UTF-8"),
+    (("score",), "error: give names to score, or --file"),
+    (("score", "--file", "/nonexistent-dir/names.txt"), "error: --file /nonexistent-dir/names.txt: cannot read"),
 ])
 def test_client_cli_bad_options(server, args, message):
     r = run_cli("service.client", "--target", server.target, *args)

@@ -85,19 +85,25 @@ def resolve_data_path(path=None):
     return p
 
 
-def load_words(path):
-    """One word per line (makemore's contract). Blank lines are skipped, surrounding whitespace stripped,
-    a leading byte-order mark dropped."""
-    raw = Path(path).read_bytes()
+def read_lines(raw, source):
+    """A word list's bytes -> [(line number, word)]: one word per line (makemore's contract), blank lines
+    skipped, surrounding whitespace stripped, a leading byte-order mark dropped. source names the file in
+    the error for bytes that aren't UTF-8."""
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
         at = bom + e.start  # offset in the file
         line = raw[:at].count(b"\n") + 1
-        raise DataError(f"{path}: not valid UTF-8 (byte {at}, line {line}); re-encode the file as UTF-8") from None
+        raise DataError(f"{source}: not valid UTF-8 (byte {at}, line {line}); re-encode the file as UTF-8") from None
     numbered = [(i, w.strip()) for i, w in enumerate(text.splitlines(), 1)]
-    numbered = [(i, w) for i, w in numbered if w]
+    return [(i, w) for i, w in numbered if w]
+
+
+def load_words(path):
+    """The words of a training word list (read_lines), each checked: none may hold the end token or a
+    control character, and there must be at least one."""
+    numbered = read_lines(Path(path).read_bytes(), path)
     if not numbered:
         raise DataError(f"{path}: no words (the file is empty or blank); give one word per line")
     for i, w in numbered:

@@ -18,6 +18,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from data.names import DataError, read_lines
 from service import gen_proto
 
 gen_proto.ensure()
@@ -126,17 +127,14 @@ def cmd_stream(stub, args):
 
 
 def _names_in(path):
-    """The names in a file (or stdin for "-"), one per line as in a training word list; blank lines skipped."""
+    """The names in a file (or stdin for "-"), one per line as in a training word list (data.names.read_lines)."""
     try:
-        if path == "-":
-            text = sys.stdin.buffer.read().decode("utf-8")
-        else:
-            text = Path(_utf8(path, "--file")).read_bytes().decode("utf-8")
+        raw = sys.stdin.buffer.read() if path == "-" else Path(_utf8(path, "--file")).read_bytes()
+        return [w for _, w in read_lines(raw, f"--file {path}")]
     except OSError as e:
         raise UsageError(f"--file {path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--file {path}: not UTF-8 text (byte {e.start})") from None
-    return [w for w in (line.strip() for line in text.splitlines()) if w]
+    except DataError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_score(stub, args):

@@ -308,9 +308,10 @@ class Engine:
             self.check_score_names(names)
         lp, lens = self._char_logprobs(names)
         # Per name: the sum and the list, cut from one array and one list (not a numpy call per name).
-        totals = np.add.reduceat(lp, np.cumsum(lens) - lens).tolist()  # every lens >= 1: the end token
-        flat, ends = lp.tolist(), np.cumsum(lens).tolist()
-        return [(total, flat[e - n : e]) for total, e, n in zip(totals, ends, lens.tolist())]
+        ends = np.cumsum(lens)
+        totals = np.add.reduceat(lp, ends - lens).tolist()  # every lens >= 1: the end token
+        flat = lp.tolist()
+        return [(total, flat[e - n : e]) for total, e, n in zip(totals, ends.tolist(), lens.tolist())]
 
     def warmup(self):
         """Run every path once so the first real request doesn't pay for lazy initialisation."""

@@ -72,7 +72,6 @@ class Tally:
         self.win_start = t_start + cfg["warmup"]
         self.win_end = self.win_start + cfg["duration"]
         self.quota = quota
-        self.rpc = cfg["rpc"]
         self.lat, self.errors, self.names, self.started = [], collections.Counter(), 0, 0
         self.details = {}  # status code -> the first error message seen with it
         self.last_end = self.win_start
@@ -81,14 +80,17 @@ class Tally:
             base["chunk_size"] = cfg["chunk_size"]
         if cfg["only_new"]:
             base["only_new"] = True
-        self.base = base
-        self.fixed = pb.GenerateRequest(seed=cfg["seed"], **base) if cfg["seed"] is not None else None
-        self.seq = iter(range(cfg["seed_base"], 1 << 62))
+        # self.make() -> the next request: Score requests in turn, one fixed request, or one per seed
         if cfg["rpc"] == "score":  # consecutive slices of the pool (wrapping around), as many as it has names for
             pool, n = cfg["pool"], cfg["names"]
             slices = range(max(1, min(SCORE_REQUESTS, len(pool) // n)))
-            self.scores = itertools.cycle([pb.ScoreRequest(names=[pool[(k * n + j) % len(pool)] for j in range(n)])
-                                           for k in slices])
+            self.make = itertools.cycle([pb.ScoreRequest(names=[pool[(k * n + j) % len(pool)] for j in range(n)])
+                                         for k in slices]).__next__
+        elif cfg["seed"] is not None:
+            self.make = itertools.repeat(pb.GenerateRequest(seed=cfg["seed"], **base)).__next__
+        else:
+            seeds = iter(range(cfg["seed_base"], 1 << 62))
+            self.make = lambda: pb.GenerateRequest(seed=next(seeds), **base)
 
     def next(self):
         """(request, counted) for the next call, or None when the step is over."""
@@ -97,9 +99,7 @@ class Tally:
             return None
         counted = now >= self.win_start
         self.started += counted
-        if self.rpc == "score":
-            return next(self.scores), counted
-        return self.fixed or pb.GenerateRequest(seed=next(self.seq), **self.base), counted
+        return self.make(), counted
 
     def record(self, counted, seconds, names, code, detail=None):
         if not counted:

@@ -5,6 +5,8 @@ import torch
 from data.names import default_names_path, load_words
 from trainer.dataset import Vocab, split_words
 
+pytest_plugins = ["tests.service_fixtures"]  # servers, stubs and recording engines for the service tests
+
 
 @pytest.fixture(scope="session")
 def words():

@@ -1,4 +1,5 @@
-"""Fixtures and helpers for tests/test_service.py: real servers as subprocesses on 127.0.0.1.
+"""Fixtures and helpers for the service tests (a pytest plugin, loaded by tests/conftest.py): real servers
+as subprocesses on 127.0.0.1, stubs, metrics scraping, and engines that record or hold their model runs.
 
 The model comes from tests/conftest.py's session fixture `tiny_model_dir`, or from
 $NAMEGEN_TEST_MODEL_DIR when set (to iterate on the service tests against a model you already have).
@@ -15,8 +16,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service import gen_proto
+
+gen_proto.ensure()
+from service.namegen_pb import namegen_pb2 as pb  # noqa: E402
+from service.namegen_pb import namegen_pb2_grpc as pb_grpc  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60  # seconds for a server to load, bind and warm up on a busy 2-core box
+SERVICE = "namegen.v1.NameGenerator"
 
 
 class ServerProcess:
@@ -128,3 +136,106 @@ def channel(server):
     options = [("grpc.max_receive_message_length", 64 << 20)]
     with grpc.insecure_channel(server.target, options=options) as ch:
         yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return pb_grpc.NameGeneratorStub(channel)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model_dir):
+    """(model, vocab, checkpoint dict) of the served model, for the torch reference."""
+    from trainer.checkpoint import load_checkpoint
+
+    path = model_dir / "model.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} not found: no checkpoint beside the exported model")
+    return load_checkpoint(path)
+
+
+def gen(stub, **kw):
+    return stub.Generate(pb.GenerateRequest(**kw), timeout=60)
+
+
+def names_of(resp):
+    return [s.name for s in resp.samples]
+
+
+def assert_healthy(channel, stub):
+    r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+    assert r.status == health_pb2.HealthCheckResponse.SERVING
+    assert len(gen(stub, num_samples=2, seed=1).samples) == 2
+
+
+def scrape(server, prefix):
+    """Sum of the samples of the server's metric lines that start with prefix."""
+    import urllib.request
+
+    (url,) = [line.split()[-1] for line in server.stdout if line.startswith("metrics on ")]
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def stopped_early(server, method):
+    """(DEADLINE_EXCEEDED, CANCELLED): how many of the method's RPCs the server counted as each."""
+    return tuple(scrape(server, f'namegen_requests_total{{code="{c}",method="{method}"}}')
+                 for c in ("DEADLINE_EXCEEDED", "CANCELLED"))
+
+
+def wait_for_stop(server, method, before):
+    """stopped_early once the server has counted another RPC of the method there (it may lag the client)."""
+    deadline = time.monotonic() + 30
+    while (now := stopped_early(server, method)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
+
+
+class CountingEngine:
+    """The real engine, counting rows per request so tests can see who got model runs (runs: each run's
+    [(seed, rows)], in order)."""
+
+    def __init__(self, engine):
+        self.engine, self.max_rows, self.rows, self.runs = engine, engine.max_rows, {}, []
+
+    def request(self, params, max_samples):
+        return self.engine.request(params, max_samples)
+
+    def run(self, parts):
+        for req, n in parts:
+            self.rows[req.params.seed] = self.rows.get(req.params.seed, 0) + n
+        self.runs.append([(req.params.seed, n) for req, n in parts])
+        return self.engine.run(parts)
+
+    def score(self, names, checked=False):
+        return self.engine.score(names, checked)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from service.engine import Engine
+
+    return Engine(model_dir, provider="cpu", threads=1)
+
+
+def assert_same_samples(got, alone):
+    """What a request got beside others equals what it gets alone: the same names, and log-probabilities
+    whose last float32 digits may differ (the proto documents this)."""
+    assert [(x.name, x.in_training_data) for x in got] == [(x.name, x.in_training_data) for x in alone]
+    assert [x.logprob for x in got] == pytest.approx([x.logprob for x in alone], rel=1e-5)
+
+
+class GatedEngine(CountingEngine):
+    """Holds each run of more than `hold_rows` rows until released, so a test can act during a long run."""
+
+    def __init__(self, engine, hold_rows):
+        import threading
+
+        super().__init__(engine)
+        self.hold_rows, self.started, self.release = hold_rows, threading.Event(), threading.Event()
+
+    def run(self, parts):
+        if sum(n for _, n in parts) > self.hold_rows:
+            self.started.set()
+            self.release.wait(30)
+        return super().run(parts)

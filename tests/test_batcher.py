@@ -1,0 +1,308 @@
+"""Dynamic batching in-process (the real engine, no gRPC): who gets which model run, express runs beside a
+long run, bounds, cancellation, bugs that must fail their jobs rather than hang them, busy polling."""
+import pytest
+
+from tests.service_fixtures import CountingEngine, GatedEngine, assert_same_samples
+
+
+def test_batcher_interleaves_big_and_small(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+
+    async def main():
+        eng = CountingEngine(engine)
+        b = Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)
+        b.start()
+        big_req = eng.request(GenerateParams(num_samples=20_000, seed=1), 10**6)
+        big = asyncio.ensure_future(b.submit(big_req, big_req.remaining))
+        await asyncio.sleep(0)
+        smalls = [asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3, seed=10 + i), 100), 3))
+                  for i in range(5)]
+        done = await asyncio.gather(*smalls)
+        assert all(len(s) == 3 for s in done) and not big.done()  # served between the big one's chunks
+        assert len(await big) == 20_000
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
+    """Small jobs go first, up to half a run; the large ones share the rest (so they can't be starved)."""
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+    from service.scheduling import SMALL_JOB_ROWS
+
+    async def main():
+        eng = CountingEngine(engine)
+        b = Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)
+        b.start()
+
+        def submit(n, seed):
+            req = eng.request(GenerateParams(num_samples=n, seed=seed), 10**6)
+            return asyncio.ensure_future(b.submit(req, n))
+
+        jobs = [submit(2000, seed) for seed in (1, 2, 3)]  # queued before any run: large, then small
+        jobs += [submit(SMALL_JOB_ROWS, seed) for seed in (10, 11, 12)]
+        await asyncio.gather(*jobs)
+        first = dict(eng.runs[0])
+        # Two small jobs fill half the run (a third would pass half), then the oldest large job the rest;
+        # in queue order the first run would have been large job 1's alone.
+        assert first == {10: SMALL_JOB_ROWS, 11: SMALL_JOB_ROWS, 1: 256 - 2 * SMALL_JOB_ROWS}
+        assert (12, SMALL_JOB_ROWS) in eng.runs[1]  # the third at the head of the next run
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_serves_small_jobs_during_a_long_run(engine):
+    """Small jobs that arrive during a long run get express runs at once (several, when more arrive than
+    one takes), with their own names; only_new (which may need several runs) waits like any other job."""
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+    from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, SMALL_JOB_ROWS
+
+    async def main():
+        eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
+        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
+        b.start()
+        try:
+            big_req = eng.request(GenerateParams(num_samples=3000, seed=1), 10**6)
+            big = asyncio.ensure_future(b.submit(big_req, 3000))
+            while not eng.started.is_set():
+                await asyncio.sleep(0.001)
+            new = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=1, seed=3, only_new=True), 100), 1))
+            n = EXPRESS_ROWS // SMALL_JOB_ROWS + 1  # one more than an express run takes
+            params = [GenerateParams(num_samples=SMALL_JOB_ROWS, seed=10 + i) for i in range(n)]
+            small = [b.submit(eng.request(p, 1000), SMALL_JOB_ROWS) for p in params]
+            small = await asyncio.wait_for(asyncio.gather(*small), 10)
+            assert not big.done() and not new.done()  # the long run is still held (and not yet in eng.runs)
+            for got, p in zip(small, params):
+                assert_same_samples(got, engine.generate(p))  # what their seeds give alone
+            assert eng.runs == [[(10 + i, SMALL_JOB_ROWS) for i in range(n - 1)], [(10 + n - 1, SMALL_JOB_ROWS)]]
+        finally:
+            eng.release.set()
+        assert len(await big) == 3000 and len(await new) == 1
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_bug_in_an_express_run_fails_its_jobs(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+    from service.scheduling import EXPRESS_AFTER_ROWS
+
+    class BrokenExpress(GatedEngine):
+        def run(self, parts):
+            if sum(n for _, n in parts) <= self.hold_rows:
+                return None  # a bug between an express run and handing out its names
+            return super().run(parts)
+
+    async def main():
+        eng = BrokenExpress(engine, hold_rows=EXPRESS_AFTER_ROWS)
+        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
+        b.start()
+        try:
+            big = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3000, seed=1), 10**6), 3000))
+            while not eng.started.is_set():
+                await asyncio.sleep(0.001)
+            with pytest.raises(TypeError):  # failed, not left waiting
+                await asyncio.wait_for(b.submit(eng.request(GenerateParams(num_samples=1, seed=2), 100), 1), 10)
+        finally:
+            eng.release.set()
+        with pytest.raises(TypeError):  # the run in hand fails with it
+            await big
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_without_batching_keeps_queue_order(engine):
+    """--max-batch-rows 0, the baseline: one job per run, in queue order (small first would starve a large
+    job there), and no express runs (they batch)."""
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+    from service.scheduling import EXPRESS_AFTER_ROWS
+
+    async def main():
+        eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
+        b = Batcher(eng, max_batch_rows=0, max_wait_ms=0, max_queue=100)
+        b.start()
+        try:
+            jobs = [b.submit(eng.request(GenerateParams(num_samples=n, seed=s), 10**6), n)
+                    for n, s in ((3000, 1), (1, 2), (1, 3))]
+            jobs = [asyncio.ensure_future(j) for j in jobs]
+            while not eng.started.is_set():
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.05)
+            assert not any(j.done() for j in jobs)  # no express runs beside the large one
+        finally:
+            eng.release.set()
+        await asyncio.gather(*jobs)
+        assert eng.runs == [[(1, 3000)], [(2, 1)], [(3, 1)]]  # (the held run is recorded once released)
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_express_runs_beside_a_real_long_run(model_dir):
+    """Express runs and a long sharded run really overlapping (two threads in the engine at once): every
+    request still gets exactly the names its seed gives alone."""
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.engine import Engine
+    from service.params import GenerateParams
+
+    eng = CountingEngine(Engine(model_dir, provider="cpu", threads=2))
+
+    async def main():
+        b = Batcher(eng, max_batch_rows=16384, max_wait_ms=0, max_queue=100)
+        b.start()
+        big_params = GenerateParams(num_samples=16384, seed=1)
+        big = asyncio.ensure_future(b.submit(eng.request(big_params, 10**6), 16384))
+        while not eng.runs:
+            await asyncio.sleep(0)
+        params = [GenerateParams(num_samples=1 + i % 5, seed=100 + i, temperature=0.5 + i / 10) for i in range(40)]
+        small, overlapped = [], 0
+        for p in params:
+            small.append(await b.submit(eng.request(p, 1000), p.num_samples))
+            overlapped += not big.done()
+        assert overlapped  # at least one express run went beside the long run
+        for got, p in zip(small, params):
+            assert_same_samples(got, eng.engine.generate(p))
+        assert_same_samples(await big, eng.engine.generate(big_params))
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_bounds_pending_names(engine):
+    import asyncio
+
+    from service.batcher import Batcher, QueueFull
+    from service.params import GenerateParams
+
+    async def main():
+        b = Batcher(engine, max_batch_rows=256, max_wait_ms=0, max_queue=100, max_queue_names=5000)
+        b.start()
+        reqs = [engine.request(GenerateParams(num_samples=3000, seed=s), 10**6) for s in range(3)]
+        jobs = [asyncio.ensure_future(b.submit(r, r.remaining)) for r in reqs]  # submitted before any run
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+        assert len(out[0]) == 3000  # room for 3,000 names, not for 6,000
+        assert all(isinstance(e, QueueFull) and "names pending" in str(e) for e in out[1:])
+        assert b.pending == 0 and b.pending_names == 0
+        again = engine.request(GenerateParams(num_samples=3000, seed=1), 10**6)
+        assert len(await b.submit(again, again.remaining)) == 3000  # the queue has emptied: room again
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_drops_cancelled_work(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+
+    async def main():
+        eng = CountingEngine(engine)
+        b = Batcher(eng, max_batch_rows=128, max_wait_ms=0, max_queue=100)
+        b.start()
+        req = eng.request(GenerateParams(num_samples=100_000, seed=7), 10**6)
+        task = asyncio.ensure_future(b.submit(req, req.remaining))
+        while eng.rows.get(7, 0) < 256:  # a few runs in
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert b.pending == 0
+        drawn = eng.rows[7]
+        small = eng.request(GenerateParams(num_samples=5, seed=8), 100)
+        assert len(await b.submit(small, 5)) == 5  # the worker moved on
+        assert eng.rows[7] <= drawn + 128  # at most the run in flight when it was cancelled
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_bug_fails_the_run_in_hand(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+    from service.params import GenerateParams
+
+    class Broken(CountingEngine):
+        def run(self, parts):
+            return None  # a bug between the model run and handing out the names
+
+    async def main():
+        b = Batcher(Broken(engine), max_wait_ms=0, inline_rows=0)  # inline_rows 0: through the worker
+        b.start()
+        req = engine.request(GenerateParams(num_samples=5, seed=1), 100)
+        with pytest.raises(RuntimeError, match="internal batching error"):
+            await asyncio.wait_for(b.submit(req, 5), 30)  # failed, not left waiting
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_slot_counts_towards_the_queue(engine):
+    from service.batcher import Batcher, QueueFull
+
+    b = Batcher(engine, max_queue=1)
+    with b.slot():  # a Score call in progress fills a queue of one
+        assert b.pending == 1
+        with pytest.raises(QueueFull):
+            with b.slot():
+                pass
+    with b.slot():
+        pass
+    assert b.pending == 0
+
+
+def test_busy_poll_polls_for_its_window_while_quiet():
+    import asyncio
+
+    from service.busypoll import BusyPoll
+
+    async def main():
+        polls, quiet = [], [True]
+        bp = BusyPoll(500, lambda: polls.append(1) or quiet[0])  # a window no stall of a busy CI host outlasts
+        bp.start()
+        await asyncio.sleep(0.05)
+        assert not polls  # nothing happened yet: the loop sleeps
+        bp.touch()
+        await asyncio.sleep(0.02)
+        assert polls  # an RPC finished: the loop polls ...
+        await asyncio.sleep(0.6)
+        n = len(polls)
+        await asyncio.sleep(0.05)
+        assert len(polls) == n  # ... and sleeps again once the window has passed
+        quiet[0] = False  # the server is busy (a run on the engine thread, concurrent traffic): no polling
+        bp.touch()
+        await asyncio.sleep(0.05)
+        assert len(polls) == n + 1
+        await bp.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_is_quiet_only_without_pending_work(engine):
+    from service.batcher import Batcher
+
+    b = Batcher(engine, max_queue=4)
+    assert b.quiet()
+    with b.slot():
+        assert not b.quiet()
+    assert b.quiet()

@@ -1,0 +1,225 @@
+"""What the service does with bad input and hard conditions: INVALID_ARGUMENT naming the field, deadlines,
+cancellation, overload, SIGTERM, bad flags, a port in use, a corrupt model file.
+
+No timing assertions: deadlines and overload are provoked with margins of orders of magnitude.
+"""
+import importlib.util
+import math
+import shutil
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from tests.service_fixtures import (ROOT, ServerProcess, assert_healthy, gen, pb, pb_grpc, scrape, start_server,
+                                    stopped_early, wait_for_stop)
+
+
+BAD_GENERATE = [
+    ("temperature", dict(temperature=0.0)),
+    ("temperature", dict(temperature=-1.0)),
+    ("temperature", dict(temperature=math.nan)),
+    ("temperature", dict(temperature=math.inf)),
+    ("top_k", dict(top_k=-1)),
+    ("top_k", dict(top_k=1000)),
+    ("top_p", dict(top_p=0.0)),
+    ("top_p", dict(top_p=1.5)),
+    ("top_p", dict(top_p=1e-46)),  # > 0 as a double, 0 in float32, which the sampler runs in
+    ("temperature", dict(temperature=1e-46)),
+    ("temperature", dict(temperature=1e39)),  # inf in float32
+    ("num_samples", dict(num_samples=0)),
+    ("num_samples", dict(num_samples=-5)),
+    ("num_samples", dict(num_samples=2_000_001)),  # over both --max-samples and --max-stream-samples
+    ("max_length", dict(max_length=0)),
+    ("max_length", dict(max_length=65)),
+    ("prefix", dict(prefix="Zz")),
+    ("prefix", dict(prefix="a.b")),
+    ("prefix", dict(prefix="abcdef", max_length=3)),
+    ("prefix", dict(prefix="\u00e9" * 20_000)),  # echoed in full, the message would outgrow gRPC's status metadata
+]
+
+
+@pytest.mark.parametrize("field,kw", BAD_GENERATE, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_GENERATE)])
+def test_generate_invalid_argument(stub, channel, field, kw):
+    for call in (stub.Generate, lambda req, timeout: list(stub.GenerateStream(req, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(pb.GenerateRequest(**kw), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in e.value.details()
+    assert_healthy(channel, stub)
+
+
+def test_generate_over_max_samples(stub):
+    with pytest.raises(grpc.RpcError) as e:  # fine for a stream, too many for one message
+        gen(stub, num_samples=200_001)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_samples" in e.value.details()
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=0), dict(chunk_size=50_001)])
+def test_stream_invalid_chunk_size(stub, kw):
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.GenerateStream(pb.GenerateRequest(num_samples=5, **kw), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_size" in e.value.details()
+
+
+@pytest.mark.parametrize("method, streaming", [("Generate", False), ("GenerateStream", True), ("Score", False),
+                                               ("GetModelInfo", False)])
+def test_undecodable_request_is_invalid_argument(channel, stub, method, streaming):
+    # What a broken or mismatched client sends: bytes that aren't the message (grpc alone says UNKNOWN).
+    kind = channel.unary_stream if streaming else channel.unary_unary
+    call = kind(f"/namegen.v1.NameGenerator/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as e:
+        r = call(b"\xff\xff\xff\xff", timeout=10)
+        list(r) if streaming else r
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("request: not a valid")
+    assert_healthy(channel, stub)
+
+
+def test_only_new_impossible_is_failed_precondition(stub, channel):
+    # The only name of length 4 that starts with "emma" is "emma", a training name: no new one exists.
+    with pytest.raises(grpc.RpcError) as e:
+        gen(stub, num_samples=1, prefix="emma", max_length=4, only_new=True, seed=1)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "only_new" in e.value.details()
+    assert_healthy(channel, stub)
+
+
+def test_deadline_exceeded(server, stub, channel):
+    # 200k names take seconds; a 20 ms deadline passes long before. The server drops the work, and counts
+    # it under the code the client saw.
+    rows0, ended0 = scrape(server, "namegen_batch_rows_sum"), stopped_early(server, "Generate")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(pb.GenerateRequest(num_samples=200_000, seed=1), timeout=0.02)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for_stop(server, "Generate", ended0) == (ended0[0] + 1, ended0[1])
+    rows = scrape(server, "namegen_batch_rows_sum") - rows0
+    for i in range(20):  # each gives the worker a round, in which a live job would draw ~511 rows more
+        gen(stub, num_samples=1, seed=i)
+    assert scrape(server, "namegen_batch_rows_sum") - rows0 <= rows + 20 + 4096  # + a chunk that was in flight
+    assert_healthy(channel, stub)
+
+
+def test_stream_past_its_deadline_counts_as_deadline_exceeded(server, stub, channel):
+    """A client that stops reading: flow control holds the server's stream until the deadline cancels it.
+    The server sees a cancellation, and counts it under the code the client saw."""
+    ended0 = stopped_early(server, "GenerateStream")
+    it = stub.GenerateStream(pb.GenerateRequest(num_samples=2_000_000, seed=4, chunk_size=1000), timeout=1.0)
+    next(it)
+    time.sleep(1.2)
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in it:
+            pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for_stop(server, "GenerateStream", ended0) == (ended0[0] + 1, ended0[1])
+    assert_healthy(channel, stub)
+
+
+def test_overload_gives_resource_exhausted(model_dir):
+    s = start_server(model_dir, "--max-queue", 2, "--max-batch-rows", 64, "--max-streams", 1, "--max-queue-names", 30_000)
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            st = pb_grpc.NameGeneratorStub(ch)
+            # 40 requests of 20k names at once against room for 2: most must be turned away.
+            futures = [st.Generate.future(pb.GenerateRequest(num_samples=20_000, seed=i), timeout=120) for i in range(40)]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        assert "queue" in e.details()
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert_healthy(ch, st)
+
+            # A unary Generate holds all its names until it replies, though it is drawn in chunks: two of
+            # 20,000 at once don't fit in 30,000 (counting its first chunk alone, both would).
+            codes, details = [], []
+            for f in [st.Generate.future(pb.GenerateRequest(num_samples=20_000, seed=i), timeout=120) for i in (1, 2)]:
+                try:
+                    codes.append(len(f.result().samples))
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+                    details.append(e.details())
+            assert sorted(codes, key=str) == sorted([20_000, grpc.StatusCode.RESOURCE_EXHAUSTED], key=str), codes
+            assert "names pending" in details[0]
+
+            # --max-streams 1: a stream being served (its client reads nothing more) turns a second away.
+            big = pb.GenerateRequest(num_samples=1_000_000, chunk_size=1000, seed=1)
+            first = st.GenerateStream(big, timeout=120)
+            next(first)
+            with pytest.raises(grpc.RpcError) as e:
+                list(st.GenerateStream(pb.GenerateRequest(num_samples=5), timeout=30))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in e.value.details()
+            first.cancel()
+            for _ in range(100):  # the server sees the cancellation soon after; then streams are let in again
+                try:
+                    assert len(list(st.GenerateStream(pb.GenerateRequest(num_samples=5), timeout=30))[0].samples) == 5
+                    break
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    time.sleep(0.1)
+            else:
+                raise AssertionError("the cancelled stream still counts against --max-streams")
+            assert_healthy(ch, st)
+    finally:
+        assert s.stop() == 0
+
+# ---- process lifecycle ----
+
+
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])  # auto: uvloop where installed
+def test_sigterm_drains_in_flight_stream(model_dir, loop):
+    s = start_server(model_dir, "--grace", 60, "--event-loop", loop)
+    with grpc.insecure_channel(s.target) as ch:
+        st = pb_grpc.NameGeneratorStub(ch)
+        it = st.GenerateStream(pb.GenerateRequest(num_samples=60_000, seed=2, chunk_size=2_000), timeout=120)
+        n = len(next(it).samples)  # the stream is in flight
+        s.signal()
+        n += sum(len(c.samples) for c in it)  # ... and still completes
+    assert n == 60_000
+    assert s.wait(60) == 0
+    assert any("draining" in line for line in s.stdout)
+    uv = importlib.util.find_spec("uvloop") is not None
+    assert any(f"event-loop={'uvloop' if uv and loop == 'auto' else 'asyncio'} " in line for line in s.stdout)
+
+
+@pytest.mark.parametrize("flag, value", [("--threads", -1), ("--max-batch-rows", -5), ("--max-queue", 0),
+                                         ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x"),
+                                         ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1),
+                                         ("--grace", "nan"), ("--max-wait-ms", 1e9), ("--busy-poll-ms", -1),
+                                         ("--threads", 1000)])
+def test_bad_server_flags_are_usage_errors(flag, value, capsys):
+    from service.server import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args([flag, str(value)])
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_port_in_use_is_one_line(server, model_dir):
+    r = subprocess.run([sys.executable, "-m", "service.server", "--model-dir", str(model_dir), "--provider", "cpu",
+                        "--port", str(server.port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()  # ours alone: grpc's C core doesn't get to log its own
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{server.port} (")
+    assert "in use" in lines[0], lines
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "missing"])
+def test_bad_model_file_exits_with_one_line(model_dir, tmp_path, damage):
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    sampler = bad / "sampler.onnx"
+    if damage == "garbage":
+        sampler.write_bytes(b"this is not an onnx model\n" * 10)
+    elif damage == "truncate":
+        sampler.write_bytes(sampler.read_bytes()[:200])
+    else:
+        sampler.unlink()
+    p = ServerProcess(bad)
+    rc = p.wait(60)
+    assert rc != 0 and p.port is None
+    assert len(p.stderr) == 1 and p.stderr[0].startswith("error: ") and "sampler.onnx" in p.stderr[0], p.stderr

@@ -1,0 +1,105 @@
+"""The command-line tools against a real server: service.client and service.loadtest."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service_fixtures import ROOT, free_port
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_client_cli(server, tmp_path):
+    r = run_cli("service.client", "--target", server.target, "generate", "-n", "3", "--seed", "5")
+    assert r.returncode == 0 and "seed: 5" in r.stdout and len(r.stdout.splitlines()) == 4, r.stderr
+    r = run_cli("service.client", "generate", "--target", server.target, "--temperature", "0")
+    assert r.returncode == 1 and r.stderr.startswith("error: INVALID_ARGUMENT: temperature") and "Traceback" not in r.stderr
+    r = run_cli("service.client", "--target", server.target, "info")
+    info = json.loads(r.stdout)  # integers read as integers, not "12097" or 3.0
+    assert r.returncode == 0 and isinstance(info["num_params"], int) and isinstance(info["config"]["block_size"], int)
+    assert info["num_params"] > 0 and isinstance(info["metrics"]["val_loss"], float)
+    r = run_cli("service.client", "--target", server.target, "score", "emma", "")
+    emma, empty = r.stdout.splitlines()
+    # name, total, then each character's logprob and the end token's
+    assert r.returncode == 0 and emma.split()[0] == "emma" and [w[:2] for w in emma.split()[2:]] == ["e:", "m:", "m:", "a:", ".:"]
+    assert empty.split()[0] == '""' and empty.split()[2].startswith(".:") and len(empty.split()) == 3, r.stdout
+    listed = tmp_path / "names.txt"
+    listed.write_text("emma\n\n olivia \n")  # a word list: blank lines skipped, spaces stripped
+    r = run_cli("service.client", "--target", server.target, "score", "zoe", "--file", listed)
+    assert r.returncode == 0 and [line.split()[0] for line in r.stdout.splitlines()] == ["zoe", "emma", "olivia"], r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "--seed", "-5"), "error: --seed -5: out of range"),  # the message's field is uint64
+    (("generate", "-n", str(1 << 40)), "error: --num-samples"),
+    (("stream", "-n", "3", "--out", "/nonexistent-dir/names.txt"), "error: --out /nonexistent-dir/names.txt: cannot write"),
+    (("stream", "-n", "3", "--out", ""), "error: --out '': give a file name"),
+    (("generate", "--timeout", "nan"), "error: --timeout nan: give a finite number"),
+    (("generate", "--prefix", os.fsdecode(b"\xe9")), "error: --prefix b'\\xe9': not valid UTF-8"),
+    (("score", "emma", os.fsdecode(b"\xe9mma")), "error: name b'\\xe9mma': not valid UTF-8"),
+    (("score",), "error: give names to score, or --file"),
+    (("score", "--file", "/nonexistent-dir/names.txt"), "error: --file /nonexistent-dir/names.txt: cannot read"),
+])
+def test_client_cli_bad_options(server, args, message):
+    r = run_cli("service.client", "--target", server.target, *args)
+    assert r.returncode == 1 and r.stderr.startswith(message) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_client_stream_keeps_the_out_file_until_it_succeeds(server, tmp_path):
+    out = tmp_path / "names.txt"
+    out.write_text("keep\n")
+    r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--prefix", "Q", "--out", out)
+    assert r.returncode == 1 and "INVALID_ARGUMENT: prefix" in r.stderr and out.read_text() == "keep\n"
+    r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--seed", "1", "--out", out)
+    assert r.returncode == 0 and len(out.read_text().splitlines()) == 3 and list(tmp_path.iterdir()) == [out]
+    r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--out", "/dev/null")
+    assert r.returncode == 0 and "3 names" in r.stderr and not Path("/dev/.null.part").exists()  # not a file: as is
+
+
+def test_loadtest_cli(server, tmp_path):
+    out = tmp_path / "lt.json"
+    r = run_cli("service.loadtest", "--target", server.target, "--concurrency", "1,4", "--warmup", "0.1",
+                "--duration", "0.5", "--requests", "50", "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)
+
+
+@pytest.mark.parametrize("client", ["sync", "aio"])
+def test_loadtest_score(server, tmp_path, client):
+    out = tmp_path / "lt.json"
+    r = run_cli("service.loadtest", "--target", server.target, "--rpc", "score", "--names-per-request", "3",
+                "--concurrency", "2", "--client", client, "--warmup", "0", "--duration", "2", "--requests", "20",
+                "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (step,) = json.loads(out.read_text())["steps"]
+    assert step["ok"] >= 20 and not step["errors"] and step["names_per_s"] == pytest.approx(3 * step["rps"])
+
+
+def test_loadtest_score_without_a_server():
+    r = run_cli("service.loadtest", "--target", f"127.0.0.1:{free_port()}", "--rpc", "score", "--duration", "1")
+    assert r.returncode != 0 and "error: cannot get names to score from" in r.stderr and "UNAVAILABLE" in r.stderr
+
+
+def test_loadtest_reports_why_requests_failed(server):
+    r = run_cli("service.loadtest", "--target", server.target, "--max-length", "65", "--warmup", "0",
+                "--duration", "1", "--requests", "5")
+    assert r.returncode == 1, r.stdout + r.stderr  # nothing succeeded
+    assert "INVALID_ARGUMENT=5" in r.stdout and "INVALID_ARGUMENT: max_length: must be in" in r.stdout
+
+
+@pytest.mark.parametrize("flag, value", [("--duration", "nan"), ("--warmup", "-5"), ("--timeout", "0"), ("--seed", "-1"),
+                                         ("--names-per-request", "99999999999"), ("--requests", "-5"),
+                                         ("--json", "/nonexistent-dir/x.json"), ("--target", "127.0.0.1:99999")])
+def test_loadtest_bad_options(flag, value, capsys):
+    from service.loadtest import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value])
+    assert exc.value.code != 0 and flag.lstrip("-") in capsys.readouterr().err + str(exc.value.code)

@@ -1,5 +1,6 @@
 # namegen: `make train export serve` builds and serves a model; `make test` runs the tests.
-# Every target creates .venv and installs the pinned requirements first (re-done when requirements.txt changes).
+# Every target but help and the clean ones creates .venv and installs the pinned requirements first (re-done
+# when requirements.txt changes).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -26,7 +27,7 @@ help:
 	@echo "make lr-sweep       learning-rate search plot"
 	@echo "make data | proto   fetch and checksum names.txt | generate the gRPC stubs"
 	@echo "make test           the test suite (what CI runs); make test-all includes slow tests"
-	@echo "make clean          remove artifacts/ and the stubs (distclean: also .venv)"
+	@echo "make clean          remove artifacts/ and the stubs (distclean: also .venv and data/names.txt)"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -71,7 +71,10 @@ def make_session(path, provider="auto", intra_op_threads=1):
             "provider=cuda but ONNX Runtime's CUDA execution provider did not load here "
             f"(available: {ort.get_available_providers()}; no GPU, driver or CUDA libraries?)" + PROVIDER_ADVICE
         )
-    if provider == "auto":
+    if provider == "auto" and driver and active != "cuda":  # a GPU machine serving on CPU: say so (stderr)
+        log.warning("provider=auto: ONNX Runtime's CUDA execution provider did not load (available: %s); using cpu",
+                    ort.get_available_providers())
+    elif provider == "auto":
         log.info("provider=auto: using %s", active)
     return sess, active
 

@@ -215,6 +215,20 @@ def test_provider_selection(tiny_model_dir):
         Engine(tiny_model_dir, provider="tpu")
 
 
+def test_auto_warns_when_cuda_fails_to_load(tiny_model_dir, monkeypatch, caplog):
+    """A machine with an NVIDIA driver where ORT's CUDA provider still fails to load (no cuDNN, say): auto
+    serves on CPU and warns; cuda is the clear error. Here the driver is pretended."""
+    from service import session
+
+    monkeypatch.setattr(session, "_nvidia_driver_present", lambda: True)
+    auto = Engine(tiny_model_dir, provider="auto")
+    if auto.provider == "cuda":
+        pytest.skip("CUDA loads here")
+    assert any(r.levelname == "WARNING" and "did not load" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ProviderError, match="provider=cuda but ONNX Runtime's CUDA execution provider did not load"):
+        Engine(tiny_model_dir, provider="cuda")
+
+
 @pytest.mark.cuda
 def test_cuda_parity(tiny_model_dir, tiny_checkpoint):
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not _cuda_available(tiny_model_dir):

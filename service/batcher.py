@@ -42,7 +42,8 @@ SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size 
 SCORE_INLINE_CHARS = 256  # a Score call of at most this many characters (end tokens included) is scored on the
                           # loop thread: 0.5-1 ms at most here (each name costs more than a character)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
-PROBE_EVERY = 4  # every 4th lone small run goes to the engine thread anyway (see Batcher._inline)
+PROBE_EVERY = 4  # every 4th lone small run takes the long way (see Batcher._lone_small_run); the queue path counts
+                 # its run too, so at concurrency 1 one request in three goes through the queue (measured)
 
 
 class QueueFull(Exception):

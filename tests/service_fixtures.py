@@ -239,3 +239,20 @@ class GatedEngine(CountingEngine):
             self.started.set()
             self.release.wait(30)
         return super().run(parts)
+
+    async def held(self):
+        """Return once a long run is being held."""
+        import asyncio
+
+        while not self.started.is_set():
+            await asyncio.sleep(0.001)
+
+
+def submit(batcher, engine, n, seed, max_samples=10**6, **params):
+    """batcher.submit of a fresh request for n names with this seed, as a task (started, not awaited)."""
+    import asyncio
+
+    from service.params import GenerateParams
+
+    req = engine.request(GenerateParams(num_samples=n, seed=seed, **params), max_samples)
+    return asyncio.ensure_future(batcher.submit(req, n))

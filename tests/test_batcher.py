@@ -1,25 +1,25 @@
 """Dynamic batching in-process (the real engine, no gRPC): who gets which model run, express runs beside a
 long run, bounds, cancellation, bugs that must fail their jobs rather than hang them, busy polling."""
+import asyncio
+
 import pytest
 
-from tests.service_fixtures import CountingEngine, GatedEngine, assert_same_samples
+from service.batcher import Batcher, QueueFull
+from service.busypoll import BusyPoll
+from service.engine import Engine
+from service.params import GenerateParams
+from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, SMALL_JOB_ROWS
+from tests.service_fixtures import CountingEngine, GatedEngine, assert_same_samples, submit
 
 
 def test_batcher_interleaves_big_and_small(engine):
-    import asyncio
-
-    from service.batcher import Batcher
-    from service.params import GenerateParams
-
     async def main():
         eng = CountingEngine(engine)
         b = Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)
         b.start()
-        big_req = eng.request(GenerateParams(num_samples=20_000, seed=1), 10**6)
-        big = asyncio.ensure_future(b.submit(big_req, big_req.remaining))
+        big = submit(b, eng, 20_000, seed=1)
         await asyncio.sleep(0)
-        smalls = [asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3, seed=10 + i), 100), 3))
-                  for i in range(5)]
+        smalls = [submit(b, eng, 3, seed=10 + i, max_samples=100) for i in range(5)]
         done = await asyncio.gather(*smalls)
         assert all(len(s) == 3 for s in done) and not big.done()  # served between the big one's chunks
         assert len(await big) == 20_000
@@ -30,23 +30,13 @@ def test_batcher_interleaves_big_and_small(engine):
 
 def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
     """Small jobs go first, up to half a run; the large ones share the rest (so they can't be starved)."""
-    import asyncio
-
-    from service.batcher import Batcher
-    from service.params import GenerateParams
-    from service.scheduling import SMALL_JOB_ROWS
 
     async def main():
         eng = CountingEngine(engine)
         b = Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)
         b.start()
-
-        def submit(n, seed):
-            req = eng.request(GenerateParams(num_samples=n, seed=seed), 10**6)
-            return asyncio.ensure_future(b.submit(req, n))
-
-        jobs = [submit(2000, seed) for seed in (1, 2, 3)]  # queued before any run: large, then small
-        jobs += [submit(SMALL_JOB_ROWS, seed) for seed in (10, 11, 12)]
+        jobs = [submit(b, eng, 2000, seed) for seed in (1, 2, 3)]  # queued before any run: large, then small
+        jobs += [submit(b, eng, SMALL_JOB_ROWS, seed) for seed in (10, 11, 12)]
         await asyncio.gather(*jobs)
         first = dict(eng.runs[0])
         # Two small jobs fill half the run (a third would pass half), then the oldest large job the rest;
@@ -61,22 +51,15 @@ def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
 def test_batcher_serves_small_jobs_during_a_long_run(engine):
     """Small jobs that arrive during a long run get express runs at once (several, when more arrive than
     one takes), with their own names; only_new (which may need several runs) waits like any other job."""
-    import asyncio
-
-    from service.batcher import Batcher
-    from service.params import GenerateParams
-    from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, SMALL_JOB_ROWS
 
     async def main():
         eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
         b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
         b.start()
         try:
-            big_req = eng.request(GenerateParams(num_samples=3000, seed=1), 10**6)
-            big = asyncio.ensure_future(b.submit(big_req, 3000))
-            while not eng.started.is_set():
-                await asyncio.sleep(0.001)
-            new = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=1, seed=3, only_new=True), 100), 1))
+            big = submit(b, eng, 3000, seed=1)
+            await eng.held()
+            new = submit(b, eng, 1, seed=3, max_samples=100, only_new=True)
             n = EXPRESS_ROWS // SMALL_JOB_ROWS + 1  # one more than an express run takes
             params = [GenerateParams(num_samples=SMALL_JOB_ROWS, seed=10 + i) for i in range(n)]
             small = [b.submit(eng.request(p, 1000), SMALL_JOB_ROWS) for p in params]
@@ -94,12 +77,6 @@ def test_batcher_serves_small_jobs_during_a_long_run(engine):
 
 
 def test_batcher_bug_in_an_express_run_fails_its_jobs(engine):
-    import asyncio
-
-    from service.batcher import Batcher
-    from service.params import GenerateParams
-    from service.scheduling import EXPRESS_AFTER_ROWS
-
     class BrokenExpress(GatedEngine):
         def run(self, parts):
             if sum(n for _, n in parts) <= self.hold_rows:
@@ -111,11 +88,10 @@ def test_batcher_bug_in_an_express_run_fails_its_jobs(engine):
         b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
         b.start()
         try:
-            big = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3000, seed=1), 10**6), 3000))
-            while not eng.started.is_set():
-                await asyncio.sleep(0.001)
+            big = submit(b, eng, 3000, seed=1)
+            await eng.held()
             with pytest.raises(TypeError):  # failed, not left waiting
-                await asyncio.wait_for(b.submit(eng.request(GenerateParams(num_samples=1, seed=2), 100), 1), 10)
+                await asyncio.wait_for(submit(b, eng, 1, seed=2, max_samples=100), 10)
         finally:
             eng.release.set()
         with pytest.raises(TypeError):  # the run in hand fails with it
@@ -128,22 +104,14 @@ def test_batcher_bug_in_an_express_run_fails_its_jobs(engine):
 def test_batcher_without_batching_keeps_queue_order(engine):
     """--max-batch-rows 0, the baseline: one job per run, in queue order (small first would starve a large
     job there), and no express runs (they batch)."""
-    import asyncio
-
-    from service.batcher import Batcher
-    from service.params import GenerateParams
-    from service.scheduling import EXPRESS_AFTER_ROWS
 
     async def main():
         eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
         b = Batcher(eng, max_batch_rows=0, max_wait_ms=0, max_queue=100)
         b.start()
         try:
-            jobs = [b.submit(eng.request(GenerateParams(num_samples=n, seed=s), 10**6), n)
-                    for n, s in ((3000, 1), (1, 2), (1, 3))]
-            jobs = [asyncio.ensure_future(j) for j in jobs]
-            while not eng.started.is_set():
-                await asyncio.sleep(0.001)
+            jobs = [submit(b, eng, n, seed) for n, seed in ((3000, 1), (1, 2), (1, 3))]
+            await eng.held()
             await asyncio.sleep(0.05)
             assert not any(j.done() for j in jobs)  # no express runs beside the large one
         finally:
@@ -158,11 +126,6 @@ def test_batcher_without_batching_keeps_queue_order(engine):
 def test_batcher_express_runs_beside_a_real_long_run(model_dir):
     """Express runs and a long sharded run really overlapping (two threads in the engine at once): every
     request still gets exactly the names its seed gives alone."""
-    import asyncio
-
-    from service.batcher import Batcher
-    from service.engine import Engine
-    from service.params import GenerateParams
 
     eng = CountingEngine(Engine(model_dir, provider="cpu", threads=2))
 
@@ -188,39 +151,26 @@ def test_batcher_express_runs_beside_a_real_long_run(model_dir):
 
 
 def test_batcher_bounds_pending_names(engine):
-    import asyncio
-
-    from service.batcher import Batcher, QueueFull
-    from service.params import GenerateParams
-
     async def main():
         b = Batcher(engine, max_batch_rows=256, max_wait_ms=0, max_queue=100, max_queue_names=5000)
         b.start()
-        reqs = [engine.request(GenerateParams(num_samples=3000, seed=s), 10**6) for s in range(3)]
-        jobs = [asyncio.ensure_future(b.submit(r, r.remaining)) for r in reqs]  # submitted before any run
+        jobs = [submit(b, engine, 3000, seed) for seed in range(3)]  # submitted before any run
         out = await asyncio.gather(*jobs, return_exceptions=True)
         assert len(out[0]) == 3000  # room for 3,000 names, not for 6,000
         assert all(isinstance(e, QueueFull) and "names pending" in str(e) for e in out[1:])
         assert b.pending == 0 and b.pending_names == 0
-        again = engine.request(GenerateParams(num_samples=3000, seed=1), 10**6)
-        assert len(await b.submit(again, again.remaining)) == 3000  # the queue has emptied: room again
+        assert len(await submit(b, engine, 3000, seed=1)) == 3000  # the queue has emptied: room again
         await b.close()
 
     asyncio.run(main())
 
 
 def test_batcher_drops_cancelled_work(engine):
-    import asyncio
-
-    from service.batcher import Batcher
-    from service.params import GenerateParams
-
     async def main():
         eng = CountingEngine(engine)
         b = Batcher(eng, max_batch_rows=128, max_wait_ms=0, max_queue=100)
         b.start()
-        req = eng.request(GenerateParams(num_samples=100_000, seed=7), 10**6)
-        task = asyncio.ensure_future(b.submit(req, req.remaining))
+        task = submit(b, eng, 100_000, seed=7)
         while eng.rows.get(7, 0) < 256:  # a few runs in
             await asyncio.sleep(0.001)
         task.cancel()
@@ -228,8 +178,7 @@ def test_batcher_drops_cancelled_work(engine):
             await task
         assert b.pending == 0
         drawn = eng.rows[7]
-        small = eng.request(GenerateParams(num_samples=5, seed=8), 100)
-        assert len(await b.submit(small, 5)) == 5  # the worker moved on
+        assert len(await submit(b, eng, 5, seed=8, max_samples=100)) == 5  # the worker moved on
         assert eng.rows[7] <= drawn + 128  # at most the run in flight when it was cancelled
         await b.close()
 
@@ -237,11 +186,6 @@ def test_batcher_drops_cancelled_work(engine):
 
 
 def test_batcher_bug_fails_the_run_in_hand(engine):
-    import asyncio
-
-    from service.batcher import Batcher
-    from service.params import GenerateParams
-
     class Broken(CountingEngine):
         def run(self, parts):
             return None  # a bug between the model run and handing out the names
@@ -249,17 +193,14 @@ def test_batcher_bug_fails_the_run_in_hand(engine):
     async def main():
         b = Batcher(Broken(engine), max_wait_ms=0, inline_rows=0)  # inline_rows 0: through the worker
         b.start()
-        req = engine.request(GenerateParams(num_samples=5, seed=1), 100)
         with pytest.raises(RuntimeError, match="internal batching error"):
-            await asyncio.wait_for(b.submit(req, 5), 30)  # failed, not left waiting
+            await asyncio.wait_for(submit(b, engine, 5, seed=1, max_samples=100), 30)  # failed, not left waiting
         await b.close()
 
     asyncio.run(main())
 
 
 def test_batcher_slot_counts_towards_the_queue(engine):
-    from service.batcher import Batcher, QueueFull
-
     b = Batcher(engine, max_queue=1)
     with b.slot():  # a Score call in progress fills a queue of one
         assert b.pending == 1
@@ -272,10 +213,6 @@ def test_batcher_slot_counts_towards_the_queue(engine):
 
 
 def test_busy_poll_polls_for_its_window_while_quiet():
-    import asyncio
-
-    from service.busypoll import BusyPoll
-
     async def main():
         polls, quiet = [], [True]
         bp = BusyPoll(500, lambda: polls.append(1) or quiet[0])  # a window no stall of a busy CI host outlasts
@@ -299,8 +236,6 @@ def test_busy_poll_polls_for_its_window_while_quiet():
 
 
 def test_batcher_is_quiet_only_without_pending_work(engine):
-    from service.batcher import Batcher
-
     b = Batcher(engine, max_queue=4)
     assert b.quiet()
     with b.slot():

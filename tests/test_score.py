@@ -1,9 +1,14 @@
 """Score: the RPC against the torch reference, its bad inputs, how calls are cut into engine calls, where
 they run beside a long model run, and the bound on characters in flight."""
+import asyncio
+import threading
+
 import grpc
 import pytest
 
-from tests.service_fixtures import CountingEngine, GatedEngine, assert_healthy, pb
+from service.batcher import SCORE_CHARS_IN_FLIGHT, SCORE_INLINE_CHARS, SCORE_PIECE_CHARS, Batcher
+from service.scheduling import EXPRESS_AFTER_ROWS
+from tests.service_fixtures import CountingEngine, GatedEngine, assert_healthy, pb, submit
 
 
 def test_score(stub, checkpoint):
@@ -31,18 +36,12 @@ def test_score_invalid_argument(stub, channel, names):
 
 
 def test_score_in_several_engine_calls(stub, engine):
-    from service.batcher import SCORE_PIECE_CHARS
-
     letters = "abcdefghij"
     names = [(a + b + c + d) * 3 for a in letters for b in letters for c in letters for d in "aeiou"]  # 5,000 x 12
     assert sum(len(w) + 1 for w in names) > 2 * SCORE_PIECE_CHARS  # served in at least three engine calls
     r = stub.Score(pb.ScoreRequest(names=names), timeout=60)
     assert [s.name for s in r.scores] == names
     assert [s.logprob for s in r.scores] == pytest.approx([t for t, _ in engine.score(names)], abs=1e-5)
-
-    import asyncio
-
-    from service.batcher import Batcher
 
     class Counting(CountingEngine):
         calls = []
@@ -69,13 +68,6 @@ def test_batcher_scores_during_a_long_run(engine, provider, inline_rows):
     """On CPU, Score calls don't wait behind a long model run on the engine thread: a small one is scored on
     the loop thread (unless inline runs are turned off), larger ones on the score thread. On a GPU every
     call waits its turn on the engine thread."""
-    import asyncio
-    import threading
-
-    from service.batcher import SCORE_INLINE_CHARS, Batcher
-    from service.params import GenerateParams
-    from service.scheduling import EXPRESS_AFTER_ROWS
-
     small, large = ["emma", "zoe"], ["abcdefghij"] * (SCORE_INLINE_CHARS // 11 + 1)
     empty = [""] * (SCORE_INLINE_CHARS + 1)  # no characters, but end tokens to score
 
@@ -92,9 +84,8 @@ def test_batcher_scores_during_a_long_run(engine, provider, inline_rows):
         b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, inline_rows=inline_rows)
         b.start()
         try:
-            big = asyncio.ensure_future(b.submit(eng.request(GenerateParams(num_samples=3000, seed=1), 10**6), 3000))
-            while not eng.started.is_set():
-                await asyncio.sleep(0.001)
+            big = submit(b, eng, 3000, seed=1)
+            await eng.held()
             calls = [asyncio.ensure_future(b.score(names, sum(map(len, names)))) for names in (small, large, empty)]
             await asyncio.wait(calls, timeout=10 if provider == "cpu" else 0.2)  # while the long run is held
             assert [c.done() for c in calls] == [provider == "cpu"] * 3 and not big.done()
@@ -113,8 +104,6 @@ def test_batcher_scores_during_a_long_run(engine, provider, inline_rows):
 
 
 def test_score_load_is_bounded(stub, channel):
-    from service.batcher import SCORE_CHARS_IN_FLIGHT
-
     names = ["abcdefghij"] * 100_000  # 1,000,000 characters, the most one call may have; each takes seconds
     assert SCORE_CHARS_IN_FLIGHT < 4 * 1_000_000
     calls = [stub.Score.future(pb.ScoreRequest(names=names), timeout=120) for _ in range(4)]

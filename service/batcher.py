@@ -227,21 +227,19 @@ class Batcher:
         work = [(j.request, n) for j, n in parts]
         try:
             if self._inline(parts, rows, now):
-                results, seconds = _timed(self.engine.run, work)
+                results = self._measured_run(work, rows)
             else:
-                run = loop.run_in_executor(self._executor, _timed, self.engine.run, work)
+                run = loop.run_in_executor(self._executor, self._measured_run, work, rows)
                 if self.express and rows > EXPRESS_AFTER_ROWS:
                     try:
                         await self._express_during(run)
                     except BaseException:  # shut down (or a bug): nobody will await the run's outcome now
                         run.cancel()
                         raise
-                results, seconds = await run
+                results = await run
         except Exception as e:  # noqa: BLE001 - delivered to the requests it concerns
             self._fail(self._running, e)  # the run's jobs, and those of an express run a bug stopped midway
             return
-        if self.metrics:
-            self.metrics.observe_batch(rows, len(parts), seconds)
         self._last_batch = len(parts)
         # Arrivals during the run go before the jobs just served: round robin, new work first.
         self._jobs.extend(self._incoming)
@@ -295,12 +293,10 @@ class Batcher:
         self._running += [job for job, _ in parts]
         self._began(parts, now)
         try:
-            results, seconds = _timed(self.engine.run, [(j.request, n) for j, n in parts])
+            results = self._measured_run([(j.request, n) for j, n in parts], rows)
         except Exception as e:  # noqa: BLE001
             self._fail([job for job, _ in parts], e)
             return True
-        if self.metrics:
-            self.metrics.observe_batch(rows, len(parts), seconds)
         self._deliver(parts, results, self._incoming)
         return True
 
@@ -329,11 +325,18 @@ class Batcher:
         return True
 
     def _run_direct(self, request, rows):
-        (samples,), seconds = _timed(self.engine.run, [(request, min(rows, request.remaining))])
+        (samples,) = self._measured_run([(request, min(rows, request.remaining))], rows)
         if self.metrics:
             self.metrics.queue_time.observe(0.0)
-            self.metrics.observe_batch(rows, 1, seconds)
         return samples
+
+    def _measured_run(self, work, rows):
+        """engine.run(work), its size and time recorded (metrics), on whichever thread runs it."""
+        t0 = time.perf_counter()
+        results = self.engine.run(work)
+        if self.metrics:
+            self.metrics.observe_batch(rows, len(work), time.perf_counter() - t0)
+        return results
 
     def _inline(self, parts, rows, now):
         """Run this batch on the event-loop thread?
@@ -378,8 +381,3 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(exc)
 
-
-def _timed(fn, *args):
-    """-> (fn(*args), the seconds it took), timed on whichever thread runs it."""
-    t0 = time.perf_counter()
-    return fn(*args), time.perf_counter() - t0

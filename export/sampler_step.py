@@ -45,7 +45,7 @@ def _filter32(b, s, wt, temp, V, top_p):
     Margins, any under MARGIN sends the row to the exact path:
     - top-k: the gap between the k-th and (k+1)-th largest s;
     - top-p: how close any sorted token's preceding mass came to top_p (where membership is decided),
-      times the temperature as for the CDF margin; and the gap between the s of the nucleus's least
+      times min(temperature, 1) as for the CDF margin; and the gap between the s of the nucleus's least
       likely token and the next s (a near-tie in p just outside it is a near-tie in s).
       At top_p 0.9 this rechecks ~1 name in 11 (some step's nucleus boundary falls that close).
     Rows without top-p (top_p 2) have preceding masses <= 1, a distance >= 1 from it: never thin.
@@ -75,7 +75,7 @@ def _filter32(b, s, wt, temp, V, top_p):
         s_out = b.op("GatherElements", [ss, b.op("Min", [n_in, last])], axis=1)  # s of the most likely token outside
         sgap = b.op("Where", [b.op("Less", [n_in, b.const(np.array(V, np.int64))]), b.op("Sub", [s_min, s_out]), inf])
         near = b.op("ReduceMin", [b.op("Abs", [b.op("Sub", [before, topp])]), ax1], keepdims=1)
-        margin = b.op("Min", [kgap, sgap, b.op("Mul", [near, tcol])])  # mass errors scale with 1 / temperature
+        margin = b.op("Min", [kgap, sgap, b.op("Mul", [near, _error_scale(b, tcol)])])
         thr = b.op("Max", [kth, s_min])
     thr = b.op("Transpose", [thr], perm=[1, 0])  # (1, M)
     return b.op("Where", [b.op("GreaterOrEqual", [s, thr]), wt, zero]), b.op("Transpose", [margin], perm=[1, 0])
@@ -109,6 +109,15 @@ def _margin(b, cdf, wt, x, total, tok, axis):
     return b.op("Div", [b.op("Abs", [b.op("Min", [b.op("Sub", [x, lower]), b.op("Sub", [upper, x])])]), total])
 
 
+def _error_scale(b, temp):
+    """What a probability margin is multiplied by before it is compared with MARGIN: min(temperature, 1).
+    An error in the logits moves the weights exp(s / temperature) by error / temperature, so a low
+    temperature needs a wider margin; but float32's own rounding of exp, the CDF and u * total (~1e-7
+    relative) does not shrink at a high one, so above 1 the margin stays MARGIN (times temperature, it
+    fell under that rounding from ~1e4 on and missed boundaries)."""
+    return b.op("Min", [temp, b.const(np.array(1.0, np.float32))])
+
+
 def _thin(b, margin):
     return b.op("Cast", [b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])], to=FLOAT)
 
@@ -124,7 +133,7 @@ def sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shif
     """Loop body: one sampling step for the M still-active rows (trainer/sampling.py, step by step).
 
     exact=False: the fast path: float32, top-k/top-p when filtered, and each row's margin (how far u * total
-    was from the boundaries of the chosen token's CDF interval, relative to total and times the temperature;
+    was from the boundaries of the chosen token's CDF interval, relative to total and times min(temperature, 1);
     when filtered, at most the filters' margins, see _filter32).
     exact=True: float64, with top-k/top-p when filtered. top_p=False: the fast filtered body does top-k only.
     unit_temperature: every row has temperature 1, so d = s and log(sum(exp(s))) = log(cdf[-1]): two fewer
@@ -172,7 +181,7 @@ def sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shif
     else:
         margin = _margin(b, cdf, wt, x, total, tok, 0)
         if temp is not None:
-            margin = b.op("Mul", [margin, temp])  # errors scale with 1 / temperature
+            margin = b.op("Mul", [margin, _error_scale(b, temp)])
         if kgap is not None:
             margin = b.op("Min", [margin, kgap])
         thin = _thin(b, margin)  # (1, M)
@@ -256,6 +265,6 @@ class SmallLoop:
         sumexp = total if self.unit else b.op("ReduceSum", [b.op("Exp", [S]), b.const([2], dtype=np.int64)], keepdims=1)
         lp = _logprob(b, S, tok, sumexp, 2)
         margin = _margin(b, cdf, wt, b.op("Mul", [u, total]), total, tok, 2)
-        thin = _thin(b, margin if self.unit else b.op("Mul", [margin, self.temp]))  # errors scale with 1 / temperature
+        thin = _thin(b, margin if self.unit else b.op("Mul", [margin, _error_scale(b, self.temp)]))
         b.op("Mul", [b.op("Concat", [K, lp, thin], axis=2), alive], outputs=[out])  # (steps, N, 3), ended rows 0
         return b.nodes, b.inits

@@ -136,6 +136,7 @@ def test_only_new_hopeless_request_stops_early(cpu_engine):
         (dict(top_p=1e-46), "top_p"),  # > 0, but 0 in float32, where the sampler runs
         (dict(temperature=1e-46), "temperature"),
         (dict(temperature=1e39), "temperature"),  # inf in float32
+        (dict(temperature=100.5), "temperature"),  # over MAX_TEMPERATURE
         (dict(prefix="Ab"), "prefix"),
         (dict(prefix="a.b"), "prefix"),
         (dict(prefix="abcdef", max_length=5), "prefix"),
@@ -149,6 +150,14 @@ def test_invalid_arguments_name_the_field(cpu_engine, kwargs, field):
     with pytest.raises(InvalidArgument) as e:
         cpu_engine.request(P(**kwargs), max_samples=1_000_000)
     assert e.value.field == field and str(e.value).startswith(field + ":")
+
+
+def test_temperature_limits_are_accepted(cpu_engine):
+    """Both ends of the documented range (0, MAX_TEMPERATURE] sample (the smallest normal float32 too)."""
+    from service.params import FLOAT32_TINY, MAX_TEMPERATURE
+
+    for t in (FLOAT32_TINY, MAX_TEMPERATURE):
+        assert len(cpu_engine.generate(P(num_samples=20, seed=1, temperature=t, top_p=0.5))) == 20
 
 
 def test_invalid_score_names(cpu_engine):

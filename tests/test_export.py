@@ -168,17 +168,20 @@ def test_sampler_graph_empty_batch_and_no_characters(cpu_engine, N, T):
     assert (tokens == 0).all() and not rechecked.any()
 
 
-def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint):
-    """Uniforms placed on either side of a CDF boundary must be rechecked in float64, and match the spec."""
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 1e4])
+@pytest.mark.parametrize("N", [64, 8], ids=["compacting", "small"])
+def test_thin_margin_rows_take_the_exact_path(cpu_engine, tiny_checkpoint, N, temperature):
+    """Uniforms placed on either side of a CDF boundary must be rechecked in float64, and match the spec,
+    in both loops. At a high temperature too: float32's rounding of the CDF doesn't shrink with it (the
+    graph accepts any float32 temperature; the service stops at 100)."""
     model, _, _ = tiny_checkpoint
-    N = 64
     ctx = torch.zeros(N, model.cfg.block_size, dtype=torch.long)
-    with torch.no_grad():
-        cdf = torch.cumsum(torch.softmax(float64_reference(model)(ctx[:1]), 1), 1)[0]  # float64, like the spec
+    with torch.no_grad():  # float64, like the spec
+        cdf = torch.cumsum(torch.softmax(float64_reference(model)(ctx[:1]) / temperature, 1), 1)[0]
     boundary = np.float32(cdf[3].item())
-    u = np.full((N, 1), boundary, np.float32)
-    u[: N // 2, 0] = np.nextafter(boundary, np.float32(0))  # one float32 step below the boundary
-    feeds = unit_feeds(ctx.numpy(), u, max_tokens=1)
+    steps = np.resize(np.arange(-12, 13), N)  # up to 12 float32 steps either side of the boundary
+    u = (boundary + steps * np.spacing(boundary)).astype(np.float32)[:, None]
+    feeds = {**unit_feeds(ctx.numpy(), u, max_tokens=1), "temperature": np.full(N, temperature, np.float32)}
     tokens, _, rechecked = cpu_engine.sampler.run(None, feeds)
     assert rechecked.all()
     rt, _ = spec(model, feeds)
@@ -326,7 +329,8 @@ def test_thin_logit_gap_takes_the_exact_path(cpu_engine, tiny_checkpoint, nucleu
     assert (tokens == rt.numpy()).all()
 
 
-def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint):
+@pytest.mark.parametrize("temperature", [1.0, 1e4])
+def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint, temperature):
     """A top_p equal (in float32) to the mass of a context's r most likely tokens puts the nucleus boundary
     within rounding: float32 could keep one token more or less than float64, so the fast path must hand
     the row to the exact path. Rows with top_p well between two masses must not be rechecked."""
@@ -334,7 +338,8 @@ def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint):
     rng = np.random.default_rng(2)
     ctx = rng.integers(0, 27, (300, model.cfg.block_size))
     with torch.no_grad():
-        ps = torch.softmax(float64_reference(model)(torch.from_numpy(ctx)), 1).sort(dim=1, descending=True).values
+        logits = float64_reference(model)(torch.from_numpy(ctx)) / temperature
+        ps = torch.softmax(logits, 1).sort(dim=1, descending=True).values
     mass = torch.cumsum(ps, 1)  # (N, V): mass of the r + 1 most likely tokens
     r = torch.from_numpy(rng.integers(0, 5, len(ctx)))
     on = mass.gather(1, r[:, None])[:, 0].numpy().astype(np.float32)  # a boundary, rounded to float32
@@ -344,7 +349,7 @@ def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint):
     assert len(ctx) >= 100
     u = rng.random((len(ctx), 2), dtype=np.float32)
     for top_p, thin in ((on, True), (between, False)):
-        feeds = {**unit_feeds(ctx, u, max_tokens=1), "top_p": top_p}
+        feeds = {**unit_feeds(ctx, u, max_tokens=1), "top_p": top_p, "temperature": np.full(len(ctx), temperature, np.float32)}
         tokens, _, rechecked = cpu_engine.sampler.run(None, feeds)
         rt, _ = spec(model, feeds)
         assert (tokens == rt.numpy()).all()

@@ -29,6 +29,7 @@ BAD_GENERATE = [
     ("top_p", dict(top_p=1e-46)),  # > 0 as a double, 0 in float32, which the sampler runs in
     ("temperature", dict(temperature=1e-46)),
     ("temperature", dict(temperature=1e39)),  # inf in float32
+    ("temperature", dict(temperature=101.0)),  # over the maximum, 100
     ("num_samples", dict(num_samples=0)),
     ("num_samples", dict(num_samples=-5)),
     ("num_samples", dict(num_samples=2_000_001)),  # over both --max-samples and --max-stream-samples

@@ -100,9 +100,15 @@ def _check_pair(sampler, sampler_path, meta, logits_model, logits_path):
     if [i.name for i in logits_model.get_inputs()] != ["context"]:
         raise ModelFileError(f"{logits_path}: not a namegen logits graph; run `make export`")
     other = read_metadata(logits_model, logits_path, words=False).get("checkpoint_sha256")
-    if other != meta.get("checkpoint_sha256"):
+    if not other or other != meta.get("checkpoint_sha256"):
         raise ModelFileError(f"{sampler_path} and {logits_path} were exported from different checkpoints; "
                              "run `make export` again")
+    # The metadata the server decodes with must describe these graphs: (N, block_size) in, (N, vocab) out.
+    context = [next(i for i in g.get_inputs() if i.name == "context").shape[1] for g in (sampler, logits_model)]
+    V = logits_model.get_outputs()[0].shape[1]
+    if context != [meta["block_size"]] * 2 or V != len(meta["vocab"]):
+        raise ModelFileError(f"{sampler_path}: its metadata (block_size {meta['block_size']}, {len(meta['vocab'])} "
+                             f"characters) doesn't match the graphs (context {context}, {V} logits); run `make export`")
 
 
 class Engine:

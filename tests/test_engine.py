@@ -202,6 +202,16 @@ def test_mismatched_model_files(tmp_path, tiny_model_dir):
     (tmp_path / "sampler.onnx").write_bytes((tiny_model_dir / "sampler.onnx").read_bytes())
     with pytest.raises(ModelFileError, match="different checkpoints"):
         Engine(tmp_path, provider="cpu")
+    (tmp_path / "model.onnx").write_bytes((tiny_model_dir / "model.onnx").read_bytes())
+    m = onnx.load(tiny_model_dir / "sampler.onnx")  # metadata that doesn't describe the graphs
+    for key, value in (("vocab", list(".abc")), ("block_size", 5)):
+        prop = next(p for p in m.metadata_props if p.key == "namegen")
+        good = prop.value
+        prop.value = json.dumps({**json.loads(good), key: value})
+        onnx.save(m, tmp_path / "sampler.onnx")
+        with pytest.raises(ModelFileError, match="doesn't match the graphs"):
+            Engine(tmp_path, provider="cpu")
+        prop.value = good
 
 
 def _cuda_available(tiny_model_dir):

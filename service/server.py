@@ -13,11 +13,11 @@ import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from service.batcher import Batcher
 from service.engine import Engine
+from service.health import DrainingHealthServicer
 from service.metrics import Metrics, rss_report
 from service.servicer import NameGeneratorServicer, add_to_server, pb
 from service.session import ModelFileError, ProviderError
@@ -25,6 +25,7 @@ from service.session import ModelFileError, ProviderError
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NameGenerator"].full_name
 MiB = 1 << 20
 BUSY_POLL_MS = 20.0
+INT32_MAX = 2**31 - 1
 MAX_THREADS = 64  # each thread holds its own ONNX Runtime session (~9 MB, ~0.1 s to load)
 
 
@@ -74,13 +75,13 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.no_batching:
         args.max_batch_rows = 0
-    minimum = {"max_queue": 1, "max_queue_names": 1, "max_samples": 1, "max_stream_samples": 1, "max_streams": 1,
-               "max_batch_rows": 0, "inline_rows": 0}
+    minimum = {"max_queue": 1, "max_queue_names": 1, "max_streams": 1, "max_batch_rows": 0, "inline_rows": 0}
     for name, lo in minimum.items():
         if getattr(args, name) < lo:
             ap.error(f"--{name.replace('_', '-')} must be >= {lo}")
     bounds = {"port": (0, 65535), "metrics_port": (0, 65535), "threads": (0, MAX_THREADS),
-              "max_wait_ms": (0, 1000), "busy_poll_ms": (0, 1000), "grace": (0, 3600)}
+              "max_wait_ms": (0, 1000), "busy_poll_ms": (0, 1000), "grace": (0, 3600),
+              "max_samples": (1, INT32_MAX), "max_stream_samples": (1, INT32_MAX)}  # int32 in ModelInfo and requests
     for name, (lo, hi) in bounds.items():
         if not lo <= getattr(args, name) <= hi:  # NaN fails too
             ap.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
@@ -116,7 +117,7 @@ async def serve(args, engine):
         ]
     )
     add_to_server(servicer, server)
-    health = HealthServicer()
+    health = DrainingHealthServicer()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -134,6 +135,20 @@ async def serve(args, engine):
         return 1
     await server.start()
     batcher.start()
+    # Signals drain from here on: the port is open, so RPCs may already be in flight during warm-up.
+    stop = asyncio.Event()
+    signals = []
+
+    def on_signal(signame):
+        signals.append(signame)
+        if len(signals) == 1:
+            stop.set()
+        else:  # second signal: don't wait out the grace period
+            print(f"{signame} again: cancelling in-flight RPCs", flush=True)
+            loop.create_task(server.stop(0))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
     print(f"listening on {args.host}:{port}", flush=True)
     if args.metrics_port:
         try:
@@ -154,23 +169,10 @@ async def serve(args, engine):
         await server.stop(0)
         await batcher.close()
         return 1
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"serving (provider {engine.provider})", flush=True)
-
-    stop = asyncio.Event()
-    signals = []
-
-    def on_signal(signame):
-        signals.append(signame)
-        if len(signals) == 1:
-            stop.set()
-        else:  # second signal: don't wait out the grace period
-            print(f"{signame} again: cancelling in-flight RPCs", flush=True)
-            loop.create_task(server.stop(0))
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+    if not stop.is_set():  # a signal during warm-up goes straight to the drain
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        print(f"serving (provider {engine.provider})", flush=True)
     await stop.wait()
     print(f"{signals[0]}: NOT_SERVING, draining in-flight RPCs (up to {args.grace:g}s)", flush=True)
     await health.enter_graceful_shutdown()

@@ -12,9 +12,10 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.service_fixtures import (ROOT, ServerProcess, assert_healthy, gen, pb, pb_grpc, scrape, start_server,
-                                    stopped_early, wait_for_stop)
+from tests.service_fixtures import (ROOT, SERVICE, ServerProcess, assert_healthy, gen, pb, pb_grpc, scrape,
+                                    start_server, stopped_early, wait_for_stop)
 
 
 BAD_GENERATE = [
@@ -174,15 +175,20 @@ def test_overload_gives_resource_exhausted(model_dir):
 
 @pytest.mark.parametrize("loop", ["auto", "asyncio"])  # auto: uvloop where installed
 def test_sigterm_drains_in_flight_stream(model_dir, loop):
+    """In-flight RPCs finish; health watchers see NOT_SERVING and their Watch ends, so it doesn't hold the
+    exit for the whole --grace (60 s here)."""
     s = start_server(model_dir, "--grace", 60, "--event-loop", loop)
     with grpc.insecure_channel(s.target) as ch:
         st = pb_grpc.NameGeneratorStub(ch)
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=120)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         it = st.GenerateStream(pb.GenerateRequest(num_samples=60_000, seed=2, chunk_size=2_000), timeout=120)
         n = len(next(it).samples)  # the stream is in flight
         s.signal()
         n += sum(len(c.samples) for c in it)  # ... and still completes
+        assert [r.status for r in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]  # then the Watch ends
     assert n == 60_000
-    assert s.wait(60) == 0
+    assert s.wait(40) == 0
     assert any("draining" in line for line in s.stdout)
     uv = importlib.util.find_spec("uvloop") is not None
     assert any(f"event-loop={'uvloop' if uv and loop == 'auto' else 'asyncio'} " in line for line in s.stdout)
@@ -192,7 +198,7 @@ def test_sigterm_drains_in_flight_stream(model_dir, loop):
                                          ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x"),
                                          ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1),
                                          ("--grace", "nan"), ("--max-wait-ms", 1e9), ("--busy-poll-ms", -1),
-                                         ("--threads", 1000)])
+                                         ("--threads", 1000), ("--max-samples", 2**31), ("--max-stream-samples", 2**31)])
 def test_bad_server_flags_are_usage_errors(flag, value, capsys):
     from service.server import parse_args
 

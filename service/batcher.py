@@ -21,8 +21,8 @@ Policies, and why:
 - Cancelled jobs are skipped at the next collection and get no more model runs; jobs whose deadline
   passed in the queue fail with DeadlineExceeded.
 - max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
-- Score calls (slot, score) count towards max_queue too and hold at most SCORE_CHARS_IN_FLIGHT characters
-  between them. On CPU they never wait for Generate's model runs: small ones are scored at once on the
+- Score calls (slot, score) count towards max_queue too and hold at most SCORE_ROWS_IN_FLIGHT rows
+  (characters and end tokens) between them. On CPU they never wait for Generate's model runs: small ones are scored at once on the
   loop thread, larger ones one at a time on a thread of their own.
 """
 import asyncio
@@ -37,10 +37,12 @@ from service.busypoll import BusyPoll, stop_task
 from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, Job, pieces, select, select_express
 
 
-SCORE_PIECE_CHARS = 16_384  # a Score call runs in engine calls of about this many characters (cancellable between)
-SCORE_CHARS_IN_FLIGHT = 2_000_000  # Score characters held at once (a full-size call running, one waiting)
-SCORE_INLINE_CHARS = 256  # a Score call of at most this many characters (end tokens included) is scored on the
-                          # loop thread: 0.5-1 ms at most here (each name costs more than a character)
+# Score's cost is counted in model rows: a name's characters and its end token.
+SCORE_PIECE_ROWS = 16_384  # a Score call runs in engine calls of about this many rows (cancellable between)
+# Score rows held at once: two full-size calls (1,000,000 characters in --max-samples 100,000 names).
+SCORE_ROWS_IN_FLIGHT = 2_200_000
+SCORE_INLINE_ROWS = 256  # a Score call of at most this many rows is scored on the loop thread: 0.5-1 ms at
+                          # most here (each name costs more than a character)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
 PROBE_EVERY = 4  # every 4th lone small run takes the long way (see Batcher._lone_small_run); the queue path counts
                  # its run too, so at concurrency 1 one request in three goes through the queue (measured)
@@ -64,14 +66,14 @@ class Batcher:
         # runs would share one device (and the loop thread could wait for the long one).
         on_cpu = getattr(engine, "provider", "cpu") != "cuda"
         self.express = self.batching and on_cpu
-        self.inline_score_chars = SCORE_INLINE_CHARS if on_cpu and inline_rows else 0  # see score
+        self.inline_score_rows = SCORE_INLINE_ROWS if on_cpu and inline_rows else 0  # see score
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.max_queue = max(1, max_queue)
         self.max_queue_names = max(1, max_queue_names)
         self.metrics = metrics
         self.pending = 0  # jobs submitted and neither finished nor cancelled
         self.pending_names = 0  # names those jobs still want: what their results will hold in memory
-        self.score_chars = 0  # characters of the Score calls waiting or being scored
+        self.score_rows = 0  # rows of the Score calls waiting or being scored
         self._score_lock = asyncio.Lock()  # Score calls are scored one at a time (see score)
         self._jobs = collections.deque()  # round-robin order of jobs waiting for a run
         self._running = []  # the jobs of the run in hand
@@ -100,8 +102,9 @@ class Batcher:
         self._score_executor.shutdown(wait=True)  # (the same executor on a GPU: a second shutdown is a no-op)
 
     def quiet(self):
-        """Nothing pending and no concurrent traffic lately: the loop may busy-poll (see service.busypoll)."""
-        return not self.pending and time.perf_counter() >= self._concurrent_until
+        """Nothing pending or running (a cancelled request's run goes on) and no concurrent traffic lately:
+        the loop may busy-poll (see service.busypoll)."""
+        return not (self.pending or self._running) and time.perf_counter() >= self._concurrent_until
 
     async def call(self, fn, *args):
         """Run fn(*args) on the engine's thread (serialised with the model runs): the warm-up."""
@@ -114,13 +117,13 @@ class Batcher:
         if self.pending_names and self.pending_names + names > self.max_queue_names:
             raise QueueFull(f"server queue is full ({self.pending_names:,} names pending); retry later")
 
-    def slot(self, chars=0):
-        """A place in the queue for a Score call of `chars` characters, held while it is scored and its
-        reply built: it counts towards max_queue like a Generate job, and while SCORE_CHARS_IN_FLIGHT
-        characters are held (names and results, ~40 MB per million), more are turned away."""
-        if self.score_chars and self.score_chars + chars > SCORE_CHARS_IN_FLIGHT:
-            raise QueueFull(f"{self.score_chars:,} characters are being scored already; retry later")
-        return self._hold(chars=chars)
+    def slot(self, rows=0):
+        """A place in the queue for a Score call of `rows` rows (score_rows), held while it is scored and
+        its reply built: it counts towards max_queue like a Generate job, and while SCORE_ROWS_IN_FLIGHT
+        rows are held (names and results, ~40 MB per million), more are turned away."""
+        if self.score_rows and self.score_rows + rows > SCORE_ROWS_IN_FLIGHT:
+            raise QueueFull(f"{self.score_rows:,} characters (end tokens included) are being scored already; retry later")
+        return self._hold(rows=rows)
 
     def reserve(self, names):
         """Admission of a request drawn in several chunks whose names are all held until it ends (a large
@@ -129,34 +132,34 @@ class Batcher:
         return self._hold(names=names)
 
     @contextlib.contextmanager
-    def _hold(self, names=0, chars=0):
-        """One pending request, wanting `names` names and holding `chars` Score characters, while inside."""
+    def _hold(self, names=0, rows=0):
+        """One pending request, wanting `names` names and holding `rows` Score rows, while inside."""
         self._admit(names)
         self.pending += 1
         self.pending_names += names
-        self.score_chars += chars
+        self.score_rows += rows
         try:
             yield
         finally:
             self.pending -= 1
             self.pending_names -= names
-            self.score_chars -= chars
+            self.score_rows -= rows
 
-    async def score(self, names, chars):
-        """engine.score of names that passed engine.check_score_names (`chars` characters in all).
+    async def score(self, names, rows):
+        """engine.score of names that passed engine.check_score_names (`rows`: the count that returned).
 
         On CPU, scoring never waits behind Generate's model runs (a run of 4,096 rows took ~40 ms here). A
         small call is scored at once on the loop thread, which takes less than two thread hand-offs would
         (unless inline_rows is 0). Larger calls go to the score thread (on a GPU, the engine thread, between
         model runs) one at a time, so that under load they finish one by one rather than all late
-        together, each in engine calls of about SCORE_PIECE_CHARS characters (a cancelled call stops
+        together, each in engine calls of about SCORE_PIECE_ROWS rows (a cancelled call stops
         between them)."""
-        if chars + len(names) <= self.inline_score_chars:  # the cost is per character and per end token
+        if rows <= self.inline_score_rows:
             return self.engine.score(names, True)
         loop = asyncio.get_running_loop()
         async with self._score_lock:
             scores = []
-            for piece in pieces(names, SCORE_PIECE_CHARS):
+            for piece in pieces(names, SCORE_PIECE_ROWS):
                 scores += await loop.run_in_executor(self._score_executor, self.engine.score, piece, True)
             return scores
 
@@ -308,7 +311,7 @@ class Batcher:
         every pass polls the completion queue; going direct saved ~0.3 ms per request here. Concurrent
         traffic (anything pending, or seen in the last CONCURRENT_HOLD seconds) takes the batching path.
         """
-        if self.pending or self._jobs or self._incoming or request.params.only_new:
+        if self.pending or self._running or self._jobs or self._incoming or request.params.only_new:
             return False
         return self._lone_small_run(rows, time.perf_counter())
 

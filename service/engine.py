@@ -291,7 +291,8 @@ class Engine:
 
     def check_score_names(self, names):
         """Every check of a Score call, in passes that run at C speed (~10 ms per million characters), so
-        that a server can make them before the call queues. -> the call's characters in all."""
+        that a server can make them before the call queues. -> the call's model rows: its characters and
+        one end token per name (what scoring it costs, in time and memory)."""
         if not names:
             raise InvalidArgument("names", "give at least one name")
         total = sum(map(len, names))
@@ -305,7 +306,7 @@ class Engine:
             w, bad = next((w, bad) for w in names if (bad := outside_vocab(w, self.itos)))
             raise InvalidArgument("names", f"{clip(w)!r} has characters {clip(bad)!r} "
                                            f"outside the vocabulary {clip(self.itos[1:])!r}")
-        return total
+        return total + len(names)
 
     def score(self, names, checked=False):
         """-> [(total logprob, per-character logprobs incl. the end token)] for each name.

@@ -30,7 +30,9 @@ class Job:
         self.future = future
         self.enqueued = time.perf_counter()
         self.deadline = deadline  # perf_counter time after which nobody is waiting any more, or None
-        self.served = False  # has had a model run (for the queue-time metric)
+        # Has had a model run (for the queue-time metric, once per request: a stream's or a large unary
+        # request's later chunks are jobs of a request that drew names already).
+        self.served = request.drawn > 0
         self.cancelled = False
 
     @property

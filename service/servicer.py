@@ -202,8 +202,8 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             counted = True
             async with contextlib.aclosing(self._chunks(req, chunk, context)) as chunks:
                 async for out in chunks:  # aclosing: a cancelled stream stops drawing at once, not at GC
-                    sent += len(out)
                     yield response_of(out, seed)
+                    sent += len(out)  # counted once gRPC took it: a chunk the client left before isn't
         except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
             code = cancelled_code(context)
             raise
@@ -256,9 +256,9 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             names = list(_parsed(request).names)
             if len(names) > self.max_samples:
                 raise InvalidArgument("names", f"at most {self.max_samples} names per request, got {len(names)}")
-            chars = self.engine.check_score_names(names)
-            with self.batcher.slot(chars):
-                scores = await self.batcher.score(names, chars)
+            rows = self.engine.check_score_names(names)
+            with self.batcher.slot(rows):
+                scores = await self.batcher.score(names, rows)
                 resp = pb.ScoreResponse()
                 add = resp.scores.add
                 for i, (name, (total, per)) in enumerate(zip(names, scores)):

@@ -185,6 +185,28 @@ def test_batcher_drops_cancelled_work(engine):
     asyncio.run(main())
 
 
+def test_a_cancelled_run_still_keeps_the_server_busy(engine):
+    """A cancelled request's run goes on on the engine thread: until it ends the server isn't quiet (no busy
+    polling beside it) and a small request doesn't take the direct path (a second run beside it)."""
+    async def main():
+        eng = GatedEngine(engine, hold_rows=1000)
+        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0)
+        b.start()
+        try:
+            task = submit(b, eng, 3000, seed=1)
+            await eng.held()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            small = eng.request(GenerateParams(num_samples=1, seed=2), 100)
+            assert b.pending == 0 and not b.quiet() and not b._direct_ok(small, 1)
+        finally:
+            eng.release.set()
+            await b.close()
+
+    asyncio.run(main())
+
+
 def test_batcher_bug_fails_the_run_in_hand(engine):
     class Broken(CountingEngine):
         def run(self, parts):

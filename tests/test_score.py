@@ -6,7 +6,7 @@ import threading
 import grpc
 import pytest
 
-from service.batcher import SCORE_CHARS_IN_FLIGHT, SCORE_INLINE_CHARS, SCORE_PIECE_CHARS, Batcher
+from service.batcher import SCORE_INLINE_ROWS, SCORE_PIECE_ROWS, SCORE_ROWS_IN_FLIGHT, Batcher, QueueFull
 from service.scheduling import EXPRESS_AFTER_ROWS
 from tests.service_fixtures import CountingEngine, GatedEngine, assert_healthy, pb, submit
 
@@ -38,7 +38,7 @@ def test_score_invalid_argument(stub, channel, names):
 def test_score_in_several_engine_calls(stub, engine):
     letters = "abcdefghij"
     names = [(a + b + c + d) * 3 for a in letters for b in letters for c in letters for d in "aeiou"]  # 5,000 x 12
-    assert sum(len(w) + 1 for w in names) > 2 * SCORE_PIECE_CHARS  # served in at least three engine calls
+    assert sum(len(w) + 1 for w in names) > 2 * SCORE_PIECE_ROWS  # served in at least three engine calls
     r = stub.Score(pb.ScoreRequest(names=names), timeout=60)
     assert [s.name for s in r.scores] == names
     assert [s.logprob for s in r.scores] == pytest.approx([t for t, _ in engine.score(names)], abs=1e-5)
@@ -53,13 +53,13 @@ def test_score_in_several_engine_calls(stub, engine):
     async def main():
         b = Batcher(counting)
         try:
-            return await b.score(names, sum(map(len, names)))
+            return await b.score(names, engine.check_score_names(names))
         finally:
             await b.close()
 
     counting = Counting(engine)
     scores = asyncio.run(main())
-    assert len(counting.calls) >= 3 and max(counting.calls) <= SCORE_PIECE_CHARS
+    assert len(counting.calls) >= 3 and max(counting.calls) <= SCORE_PIECE_ROWS
     assert scores == engine.score(names)
 
 
@@ -68,8 +68,8 @@ def test_batcher_scores_during_a_long_run(engine, provider, inline_rows):
     """On CPU, Score calls don't wait behind a long model run on the engine thread: a small one is scored on
     the loop thread (unless inline runs are turned off), larger ones on the score thread. On a GPU every
     call waits its turn on the engine thread."""
-    small, large = ["emma", "zoe"], ["abcdefghij"] * (SCORE_INLINE_CHARS // 11 + 1)
-    empty = [""] * (SCORE_INLINE_CHARS + 1)  # no characters, but end tokens to score
+    small, large = ["emma", "zoe"], ["abcdefghij"] * (SCORE_INLINE_ROWS // 11 + 1)
+    empty = [""] * (SCORE_INLINE_ROWS + 1)  # no characters, but end tokens to score
 
     class Recording(GatedEngine):
         threads = {}
@@ -86,7 +86,7 @@ def test_batcher_scores_during_a_long_run(engine, provider, inline_rows):
         try:
             big = submit(b, eng, 3000, seed=1)
             await eng.held()
-            calls = [asyncio.ensure_future(b.score(names, sum(map(len, names)))) for names in (small, large, empty)]
+            calls = [asyncio.ensure_future(b.score(w, engine.check_score_names(w))) for w in (small, large, empty)]
             await asyncio.wait(calls, timeout=10 if provider == "cpu" else 0.2)  # while the long run is held
             assert [c.done() for c in calls] == [provider == "cpu"] * 3 and not big.done()
             eng.release.set()
@@ -103,9 +103,22 @@ def test_batcher_scores_during_a_long_run(engine, provider, inline_rows):
     asyncio.run(main())
 
 
+def test_score_rows_in_flight_count_end_tokens(engine):
+    """A Score call costs a model row per character and per end token: calls of empty names are bounded too."""
+    assert engine.check_score_names(["", "", "ab"]) == 5
+    b = Batcher(engine)
+    with b.slot(SCORE_ROWS_IN_FLIGHT - 4):
+        with pytest.raises(QueueFull, match="being scored"):
+            with b.slot(engine.check_score_names([""] * 5)):
+                pass
+        with b.slot(engine.check_score_names([""] * 4)):
+            assert b.score_rows == SCORE_ROWS_IN_FLIGHT
+    assert b.score_rows == 0 and b.pending == 0
+
+
 def test_score_load_is_bounded(stub, channel):
     names = ["abcdefghij"] * 100_000  # 1,000,000 characters, the most one call may have; each takes seconds
-    assert SCORE_CHARS_IN_FLIGHT < 4 * 1_000_000
+    assert SCORE_ROWS_IN_FLIGHT < 4 * 1_000_000
     calls = [stub.Score.future(pb.ScoreRequest(names=names), timeout=120) for _ in range(4)]
     codes = []
     for f in calls:

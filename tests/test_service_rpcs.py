@@ -118,9 +118,13 @@ def test_same_seed_regardless_of_batch_composition(stub):
                 f.result()
 
 
-def test_stream_100k_in_chunks(stub):
+def test_stream_100k_in_chunks(server, stub):
+    queued0, names0 = scrape(server, "namegen_queue_time_seconds_count"), scrape(server, "namegen_names_generated")
     chunks = list(stub.GenerateStream(pb.GenerateRequest(num_samples=100_000, seed=21, chunk_size=10_000), timeout=120))
     assert sum(len(c.samples) for c in chunks) == 100_000
+    # One request's wait in the queue (its first run; not one per chunk), and the names it was sent.
+    assert scrape(server, "namegen_queue_time_seconds_count") - queued0 == 1
+    assert scrape(server, "namegen_names_generated") - names0 == 100_000
     assert all(0 < len(c.samples) <= 10_000 for c in chunks) and len(chunks) == 10
     assert {c.seed for c in chunks} == {21}
     first = names_of(gen(stub, num_samples=1200, seed=21))

@@ -22,8 +22,8 @@ Policies, and why:
   passed in the queue fail with DeadlineExceeded.
 - max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
 - Score calls (slot, score) count towards max_queue too and hold at most SCORE_ROWS_IN_FLIGHT rows
-  (characters and end tokens) between them. On CPU they never wait for Generate's model runs: small ones are scored at once on the
-  loop thread, larger ones one at a time on a thread of their own.
+  (characters and end tokens) between them. On CPU they never wait for Generate's model runs: small
+  ones are scored at once on the loop thread, larger ones one at a time on a thread of their own.
 """
 import asyncio
 import collections
@@ -118,11 +118,12 @@ class Batcher:
             raise QueueFull(f"server queue is full ({self.pending_names:,} names pending); retry later")
 
     def slot(self, rows=0):
-        """A place in the queue for a Score call of `rows` rows (score_rows), held while it is scored and
-        its reply built: it counts towards max_queue like a Generate job, and while SCORE_ROWS_IN_FLIGHT
-        rows are held (names and results, ~40 MB per million), more are turned away."""
+        """A place in the queue for a Score call of `rows` rows (engine.check_score_names), held while it
+        is scored and its reply built: it counts towards max_queue like a Generate job, and while
+        SCORE_ROWS_IN_FLIGHT rows are held (names and results, ~40 MB per million), more are turned away."""
         if self.score_rows and self.score_rows + rows > SCORE_ROWS_IN_FLIGHT:
-            raise QueueFull(f"{self.score_rows:,} characters (end tokens included) are being scored already; retry later")
+            raise QueueFull(f"{self.score_rows:,} characters (end tokens included) are being scored already; "
+                            "retry later")
         return self._hold(rows=rows)
 
     def reserve(self, names):

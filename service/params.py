@@ -44,8 +44,8 @@ class GenerateParams:
         # different request (top_p 0 even breaks the graph), so both are checked as float32 holds them.
         t = self.temperature
         if not _float32_ok(t, MAX_TEMPERATURE):
-            raise InvalidArgument("temperature", f"must be a number in (0, {MAX_TEMPERATURE:g}] (at least {FLOAT32_TINY:.3g}, "
-                                                 f"as float32, which the sampler runs in), got {t!r}")
+            raise InvalidArgument("temperature", f"must be a number in (0, {MAX_TEMPERATURE:g}] (at least "
+                                                 f"{FLOAT32_TINY:.3g} as float32, which the sampler runs in), got {t!r}")
         _int("top_k", self.top_k, 0, V, "(0 disables top-k)")
         p = self.top_p
         if not _float32_ok(p, 1.0):

@@ -25,9 +25,12 @@ class DataError(Exception):
 
 def sha256_of(path):
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
     return h.hexdigest()
 
 
@@ -103,7 +106,11 @@ def read_lines(raw, source):
 def load_words(path):
     """The words of a training word list (read_lines), each checked: none may hold the end token or a
     control character, and there must be at least one."""
-    numbered = read_lines(Path(path).read_bytes(), path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:  # unreadable (permissions, I/O error); a missing file was reported before this
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    numbered = read_lines(raw, path)
     if not numbered:
         raise DataError(f"{path}: no words (the file is empty or blank); give one word per line")
     for i, w in numbered:

@@ -63,6 +63,24 @@ def test_missing_data_path(tmp_path):
         resolve_data_path(tmp_path)
 
 
+def test_unreadable_data_file(tmp_path, monkeypatch):
+    """A file that exists but can't be read (permissions, an I/O error) is a DataError, not an OSError."""
+    from pathlib import Path
+
+    f = tmp_path / "words.txt"
+    f.write_text("emma\n")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(DataError, match="cannot read it .Permission denied"):
+        load_words(f)
+    with pytest.raises(DataError, match="cannot read it .Permission denied"):
+        sha256_of(f)
+
+
 def test_too_few_words_for_a_split():
     with pytest.raises(DataError, match=r"3 words are too few .*\(val would be empty\)"):
         split_words(["ann", "bo", "cy"])

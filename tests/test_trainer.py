@@ -108,7 +108,10 @@ def test_checkpoint_round_trip(tiny_model_dir, tiny_checkpoint, splits):
     assert evaluate(model, X, Y) == pytest.approx(ckpt["metrics"]["val_loss"], abs=1e-6)
 
 
-def test_corrupt_checkpoint(tmp_path):
+def test_corrupt_checkpoint(tmp_path, tiny_model_dir):
+    import struct
+    import zipfile
+
     from trainer.checkpoint import CheckpointError, load_checkpoint
 
     bad = tmp_path / "model.pt"
@@ -117,6 +120,28 @@ def test_corrupt_checkpoint(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="make train"):
         load_checkpoint(tmp_path / "missing.pt")
+
+    # One flipped byte inside a tensor: torch.load alone would read it as another weight.
+    good = tiny_model_dir / "model.pt"
+    raw = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:
+        entry = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 0)
+    name_len, extra_len = struct.unpack("<HH", raw[entry.header_offset + 26 : entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_len + extra_len] ^= 0xFF
+    bad.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="CRC mismatch"):
+        load_checkpoint(bad)
+
+    # Loadable, but not everything later steps rebuild from.
+    ckpt = torch.load(good, weights_only=True)
+    for change, match in ((lambda c: c.pop("words"), "missing words"),
+                          (lambda c: c.update(vocab=c["vocab"][:-1]), "vocabulary"),
+                          (lambda c: c.update(words=["ann", "bo"]), "too few")):
+        damaged = dict(ckpt)
+        change(damaged)
+        torch.save(damaged, bad)
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(bad)
 
 
 PLOTS = ["bigram_counts", "tanh_activations", "activation_gradients", "grad_data_ratio", "update_data_ratio",

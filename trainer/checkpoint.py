@@ -1,11 +1,14 @@
 """The checkpoint is the single source of truth: weights + model config + vocabulary + metrics + data."""
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from trainer.dataset import Vocab
+from trainer.dataset import Vocab, split_words
 from trainer.model import MLP, ModelConfig
+
+KEYS = ("model_config", "vocab", "state_dict", "train_config", "metrics", "split_seed", "words")
 
 
 class CheckpointError(Exception):
@@ -34,10 +37,20 @@ def load_checkpoint(path):
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; run `make train` first")
     try:
+        # torch.load doesn't check the zip's CRCs: a flipped byte in a tensor would load as another weight.
+        with zipfile.ZipFile(path) as z:
+            if (bad := z.testzip()) is not None:
+                raise ValueError(f"CRC mismatch in {bad}: the file is damaged")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if missing := [k for k in KEYS if k not in ckpt]:
+            raise ValueError(f"missing {', '.join(missing)}")
         model = MLP(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["state_dict"])
         vocab = Vocab(ckpt["vocab"])
+        if vocab.size != model.cfg.vocab_size or not set("".join(ckpt["words"])) <= set(vocab.chars):
+            raise ValueError(f"the vocabulary ({vocab.size} tokens) doesn't fit the model "
+                             f"({model.cfg.vocab_size}) or the words")
+        split_words(ckpt["words"], ckpt["split_seed"])  # later steps evaluate on its splits
     except Exception as e:  # torch raises many types for a damaged file; all mean the same to the user
         detail = (str(e).strip().splitlines() or [""])[0][:200]
         if "weights_only" in str(e) or "Weights only" in str(e):  # not torch's advice to load it unsafely

@@ -19,7 +19,7 @@ import torch
 
 from service.engine import Engine
 from service.params import DEFAULT_MAX_LENGTH, GenerateParams
-from service.session import ModelFileError, ProviderError
+from service.session import ModelFileError, ProviderError, provider_list
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.sampling import sample_reference
 
@@ -115,7 +115,8 @@ def main(argv=None):
     p.add_argument("--min-seconds", type=float, default=1.0, help="time each measurement at least this long")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads, and engine threads (row shards sampled at once); 0 = all cores")
-    p.add_argument("--providers", default="cpu,cuda", help="engine providers; cuda is skipped where it can't load")
+    p.add_argument("--providers", default="cpu,cuda", type=provider_list,
+                   help="engine providers (auto, cpu, cuda); cuda is skipped where it can't load")
     p.add_argument("--rounds", type=int, default=3,
                    help="measure everything this many times, interleaved; report medians and per-round ratios")
     args = p.parse_args(argv)
@@ -123,8 +124,8 @@ def main(argv=None):
         sizes = [int(s) for s in args.batch_sizes.split(",")]
     except ValueError:
         p.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
-    if args.threads < 0 or min(sizes) < 1 or args.min_seconds <= 0 or args.rounds < 1:
-        p.error("--threads must be >= 0, --batch-sizes >= 1, --min-seconds > 0 and --rounds >= 1")
+    if not (0 <= args.threads <= 256 and min(sizes) >= 1 and 0 < args.min_seconds <= 600 and args.rounds >= 1):
+        p.error("--threads must be in [0, 256], --batch-sizes >= 1, --min-seconds in (0, 600] and --rounds >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bench: model_dir={args.model_dir} batch_sizes={sizes} min_seconds={args.min_seconds} "
@@ -136,7 +137,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     g = torch.Generator().manual_seed(0)
     engines = {}
-    for provider in args.providers.split(","):
+    for provider in args.providers:
         try:
             engines[provider] = Engine(args.model_dir, provider=provider, threads=args.threads, max_rows=max(sizes))
         except ProviderError as e:

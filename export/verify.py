@@ -12,6 +12,7 @@ On the CPU provider always, and on CUDA when it loads. Exits 1 if a target is mi
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,11 +23,12 @@ from export.fold import float64_reference, fold_for_export, folded_logit_error
 from export.reference import reference_generate
 from service.engine import Engine
 from service.params import GenerateParams
-from service.session import PROVIDER_ADVICE, ModelFileError, ProviderError
+from service.session import PROVIDER_ADVICE, ModelFileError, ProviderError, provider_list
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.dataset import build_examples, split_words
 
 LOGIT_TOL = 1e-5
+MAX_NAMES = 1_000_000  # names per setting: what engine.generate serves in one call by default
 GRID = {  # 3 * 2 * 2 * 3 = 36 settings, cycled over seeds
     "temperature": [1.0, 0.6, 1.5],
     "top_k": [0, 5],
@@ -75,18 +77,25 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="artifacts", help="folder with model.pt, model.onnx, sampler.onnx")
     p.add_argument("--names-per-setting", type=int, default=300, help="names per grid setting (36 settings)")
-    p.add_argument("--providers", default="cpu,cuda", help="providers to check; cuda is skipped where it can't load")
+    p.add_argument("--providers", default="cpu,cuda", type=provider_list,
+                   help="providers to check (auto, cpu, cuda); cuda is skipped where it can't load")
     p.add_argument("--json", default=None, help="write the report here (default: MODEL_DIR/verify.json)")
     args = p.parse_args(argv)
-    print(f"verify: model_dir={args.model_dir} names_per_setting={args.names_per_setting} providers={args.providers}")
+    if not 1 <= args.names_per_setting <= MAX_NAMES:
+        p.error(f"--names-per-setting must be in [1, {MAX_NAMES:,}], got {args.names_per_setting}")
     d = Path(args.model_dir)
+    out = Path(args.json) if args.json else d / "verify.json"
+    if args.json and (out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK)):
+        p.error(f"--json {out}: cannot write a file there")  # found out now, not after the whole check
+    print(f"verify: model_dir={args.model_dir} names_per_setting={args.names_per_setting} "
+          f"providers={','.join(args.providers)}")
     try:
         model, vocab, ckpt = load_checkpoint(d / "model.pt")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     Xva, _ = build_examples(split_words(ckpt["words"], ckpt["split_seed"])["val"], vocab, model.cfg.block_size)
     report, ok = {}, True
-    for provider in args.providers.split(","):
+    for provider in args.providers:
         try:
             engine = Engine(d, provider=provider, threads=0)
         except ProviderError as e:
@@ -111,8 +120,13 @@ def main(argv=None):
               f"of 1-16 names (temperatures {GRID['temperature']}, no top-k/top-p); max logprob diff {sm['max_logprob_diff']:.2e}")
         ok &= lg["fold_vs_torch"] <= LOGIT_TOL and lg["onnx_vs_torch"] <= LOGIT_TOL and nm["share"] == 1.0
         ok &= sm["identical"] == sm["names"]
-    out = Path(args.json) if args.json else d / "verify.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    if all("skipped" in r for r in report.values()):
+        ok = False
+        print("nothing was checked: no provider given could load")
+    try:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        sys.exit(f"error: --json {out}: cannot write it ({e.strerror or e})")
     print(f"wrote {out}\n{'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

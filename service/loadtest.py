@@ -343,7 +343,7 @@ def parse_args(argv=None):
             ap.error("--seed: 'per-request' or an integer")
         if not 0 <= args.seed < 1 << 64:
             ap.error(f"--seed must be in [0, 2^64 - 1], got {args.seed}")
-    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+    if args.json and (os.path.isdir(args.json) or not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK)):
         ap.error(f"--json {args.json}: cannot write there")  # found out now, not after the whole run
     return args
 

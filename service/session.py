@@ -3,6 +3,7 @@
 provider=cuda must really run on CUDA (session.get_providers() is checked: no silent fall-back to the
 CPU); provider=auto takes CUDA when it loads and says which provider it got.
 """
+import argparse
 import ctypes
 import json
 import logging
@@ -37,6 +38,17 @@ def cpu_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+def provider_list(text):
+    """argparse type of a comma-separated --providers list (verify, bench): every name known, none twice."""
+    names = text.split(",")
+    if not text or any(n not in PROVIDERS for n in names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(PROVIDERS)}, got {text!r}")
+    return names
+
+
 def make_session(path, provider="auto", intra_op_threads=1):
     """-> (InferenceSession, "cuda" | "cpu"). provider: cpu | cuda | auto (CUDA if it really loads).
 
@@ -44,7 +56,7 @@ def make_session(path, provider="auto", intra_op_threads=1):
     threads measured 2x slower at 64 rows and no faster at 4096); the engine runs row shards in parallel
     instead, one session per thread.
     """
-    if provider not in ("auto", "cpu", "cuda"):
+    if provider not in PROVIDERS:
         raise ProviderError(f"provider must be auto, cpu or cuda, got {provider!r}")
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_op_threads

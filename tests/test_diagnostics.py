@@ -172,3 +172,11 @@ def test_cli_small_run(words, tmp_path, capsys):
     data.write_text("ann\nbo\ncy\n")  # too few words to split: the sweep uses them all
     assert lr_sweep_main(["--data", str(data), "--steps", "20", "--n-hidden", "8", "--out", str(out)]) == 0
     assert "3 words, 10 training examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--out", "lr.jpg"], ["--out", "."], ["--hi", "inf"], ["--seed", "-1"],
+                                  ["--batch-size", str(2**21)]])
+def test_cli_bad_options_are_usage_errors(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        lr_sweep_main(args)  # refused before the data is read or the sweep runs
+    assert exc.value.code == 2 and args[0] in capsys.readouterr().err

@@ -357,3 +357,18 @@ def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint, t
             assert rechecked.all()
         else:  # only a uniform near a CDF boundary (~1 in 25 rows) has these checked in float64
             assert rechecked.mean() < 0.2
+
+
+@pytest.mark.parametrize("module, args", [
+    ("verify", ["--providers", "cpu,tpu"]), ("verify", ["--providers", ""]), ("verify", ["--names-per-setting", "0"]),
+    ("verify", ["--json", "/nonexistent-dir/verify.json"]), ("bench", ["--min-seconds", "nan"]),
+    ("bench", ["--providers", "cpu,cpu"]), ("bench", ["--threads", "1000"]),
+])
+def test_verify_and_bench_bad_options_are_usage_errors(module, args, capsys):
+    """Refused before any work: verify's report file too, which is written at the end of a long check."""
+    import importlib
+
+    main = importlib.import_module(f"export.{module}").main
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and args[0] in capsys.readouterr().err

@@ -5,12 +5,14 @@
 import argparse
 import math
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 from data.names import DataError, load_words, resolve_data_path
 from trainer.dataset import Vocab, build_examples, split_words
-from trainer.model import MLP, ModelConfig
+from trainer.model import MAX_BATCH, MLP, ModelConfig
 from trainer.plots import SWEEP_SMOOTH, plot_lr_sweep, smooth_sweep
 
 DIVERGED = 4.0  # stop once the loss exceeds this multiple of the lowest loss so far
@@ -89,16 +91,26 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seed for the model init and minibatches" + dflt)
     p.add_argument("--out", default="artifacts/plots/lr_sweep.png", help="plot file (PNG)" + dflt)
     args = p.parse_args(argv)
-    if not 0 < args.lo < args.hi:
-        p.error(f"need 0 < --lo < --hi, got --lo {args.lo} --hi {args.hi}")
+    if not 0 < args.lo < args.hi < math.inf:
+        p.error(f"need 0 < --lo < --hi < inf, got --lo {args.lo} --hi {args.hi}")
     problem = ModelConfig(block_size=args.block_size, n_embd=args.n_embd, n_hidden=args.n_hidden,
                           n_layers=args.n_layers).problem()
     if problem is not None:
         p.error(problem)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 2:
-        p.error("--batch-size must be >= 2 (BatchNorm needs a batch)")
+    if not 2 <= args.batch_size <= MAX_BATCH:
+        p.error(f"--batch-size must be in [2, {MAX_BATCH:,}] (BatchNorm needs a batch)")
+    if not 0 <= args.seed < 2**64:
+        p.error(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        p.error(f"--out must name a .png file, got {args.out}")
+    try:  # before the sweep: an unwritable place must not cost the run
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot write there ({e.strerror or e})")
     return args
 
 

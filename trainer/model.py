@@ -6,6 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TANH_GAIN = 5 / 3  # torch.nn.init.calculate_gain("tanh")
+MAX_PARAMS = 10**9  # 4 GB of float32 weights, more again for gradients and optimiser state
+MAX_BATCH = 2**20
 
 
 @dataclass
@@ -24,6 +26,11 @@ class ModelConfig:
                 return f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
         if not 0 <= self.dropout < 1:  # NaN fails too
             return f"--dropout must be in [0, 1), got {self.dropout}"
+        V, E, H = self.vocab_size, self.n_embd, self.n_hidden
+        n = V * E + self.block_size * E * H + (self.n_layers - 1) * H * H + H * V  # weights, roughly
+        if n > MAX_PARAMS:  # (a failed allocation would end in a traceback, or the OOM killer)
+            return (f"--block-size, --n-embd, --n-hidden and --n-layers make a model of ~{n:,} parameters; "
+                    f"at most {MAX_PARAMS:,}")
         return None
 
 

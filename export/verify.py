@@ -7,7 +7,8 @@
 2. names: torch reference sampler vs the compiled sampler (engine) over a grid of seeds, temperatures,
    top_k, top_p and prefixes: the share of identical names (target 100%) and the max logprob difference;
    then small requests (1-16 names), which the sampler runs in its few-row loop.
-On the CPU provider always, and on CUDA when it loads. Exits 1 if a target is missed.
+For each of --providers (default cpu,cuda; CUDA is skipped where it can't load). Exits 1 if a target is
+missed, or if no provider could be checked.
 """
 import argparse
 import itertools

@@ -42,7 +42,7 @@ SCORE_PIECE_ROWS = 16_384  # a Score call runs in engine calls of about this man
 # Score rows held at once: two full-size calls (1,000,000 characters in --max-samples 100,000 names).
 SCORE_ROWS_IN_FLIGHT = 2_200_000
 SCORE_INLINE_ROWS = 256  # a Score call of at most this many rows is scored on the loop thread: 0.5-1 ms at
-                          # most here (each name costs more than a character)
+                         # most here (each name costs more than a character)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
 PROBE_EVERY = 4  # every 4th lone small run takes the long way (see Batcher._lone_small_run); the queue path counts
                  # its run too, so at concurrency 1 one request in three goes through the queue (measured)
@@ -329,8 +329,9 @@ class Batcher:
         return True
 
     def _run_direct(self, request, rows):
+        first = request.drawn == 0  # the queue-time metric counts a request once (a stream has many runs)
         (samples,) = self._measured_run([(request, min(rows, request.remaining))], rows)
-        if self.metrics:
+        if self.metrics and first:
             self.metrics.queue_time.observe(0.0)
         return samples
 

@@ -183,7 +183,7 @@ def parse_args(argv=None):
 
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--prefix", help="names start with this (default: none)")
-    sampling.add_argument("--temperature", type=float, help="softmax temperature > 0 (server default 1.0)")
+    sampling.add_argument("--temperature", type=float, help="softmax temperature in (0, 100] (server default 1.0)")
     sampling.add_argument("--top-k", type=int, help="keep the k most likely characters (server default 0 = off)")
     sampling.add_argument("--top-p", type=float, help="nucleus mass in (0, 1] (server default 1 = off)")
     sampling.add_argument("--seed", type=int, help="random seed (default: the server picks one and reports it)")

@@ -100,7 +100,9 @@ def _check_pair(sampler, sampler_path, meta, logits_model, logits_path):
     if [i.name for i in logits_model.get_inputs()] != ["context"]:
         raise ModelFileError(f"{logits_path}: not a namegen logits graph; run `make export`")
     other = read_metadata(logits_model, logits_path, words=False).get("checkpoint_sha256")
-    if not other or other != meta.get("checkpoint_sha256"):
+    if not other:  # two files without it would otherwise match each other
+        raise ModelFileError(f"{logits_path}: no checkpoint_sha256 in its metadata; run `make export` again")
+    if other != meta.get("checkpoint_sha256"):
         raise ModelFileError(f"{sampler_path} and {logits_path} were exported from different checkpoints; "
                              "run `make export` again")
     # The metadata the server decodes with must describe these graphs: (N, block_size) in, (N, vocab) out.

@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class DrainingHealthServicer(HealthServicer):
@@ -24,6 +25,8 @@ class DrainingHealthServicer(HealthServicer):
             async with condition:
                 while True:
                     status = self._server_status.get(request.service, UNKNOWN)
+                    if self._gracefully_shutting_down and status != UNKNOWN:
+                        status = NOT_SERVING  # the parent sets the flag before it updates each service
                     if status != last:
                         await context.write(health_pb2.HealthCheckResponse(status=status))
                         last = status

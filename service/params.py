@@ -10,10 +10,10 @@ MAX_LENGTH_LIMIT = 64  # longest name (prefix included) a request may ask for
 DEFAULT_MAX_LENGTH = 32  # names.txt's longest name has 15 characters
 SEED_LIMIT = 2**64
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32, ~1.2e-38
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # ~3.4e38
 # Highest temperature: at 100 the trained model's most and least likely letters are within a factor of
-# 1.17 for every context (nearly uniform), and far above it (~1e12) float64 rounds every exp(s / temperature)
-# to one value: top-p's ties in probability stop being ties in logits and the fast path keeps another nucleus.
+# 1.17 for every context (nearly uniform). Far above it (from ~1e9), float64 rounds the weights
+# exp(s / temperature) of letters whose logits differ by a float32 step to one value: top-p's ties in
+# probability then stop being ties in the logits, and the fast path would keep another nucleus.
 MAX_TEMPERATURE = 100.0
 
 
@@ -40,12 +40,12 @@ class GenerateParams:
         """Checked copy with the seed resolved. itos: the vocabulary, index 0 = end token."""
         V = len(itos)
         _int("num_samples", self.num_samples, 1, max_samples)
-        # The sampler runs in float32: a value that float32 rounds to 0 or inf (1e-46, 1e39) would be a
-        # different request (top_p 0 even breaks the graph), so both are checked as float32 holds them.
+        # The sampler runs in float32: a value that float32 rounds to 0 (1e-46) would be a different
+        # request (top_p 0 even breaks the graph), so both are checked as float32 holds them.
         t = self.temperature
         if not _float32_ok(t, MAX_TEMPERATURE):
             raise InvalidArgument("temperature", f"must be a number in (0, {MAX_TEMPERATURE:g}] (at least "
-                                                 f"{FLOAT32_TINY:.3g} as float32, which the sampler runs in), got {t!r}")
+                                                 f"{FLOAT32_TINY:.3g} as float32, the sampler's type), got {t!r}")
         _int("top_k", self.top_k, 0, V, "(0 disables top-k)")
         p = self.top_p
         if not _float32_ok(p, 1.0):

@@ -2,8 +2,9 @@
 
 Start-up order, and why: load the model first (a missing or corrupt file exits non-zero with one
 line, before a port is taken), bind and start with health NOT_SERVING, warm up, then SERVING. On
-SIGTERM/SIGINT: NOT_SERVING, stop accepting, let in-flight RPCs finish within --grace seconds,
-exit 0. A second signal cuts the drain short.
+SIGTERM/SIGINT (handled from the moment the port opens, warm-up included): NOT_SERVING (health Watch
+streams send it and end), stop accepting, let in-flight RPCs finish within --grace seconds, exit 0.
+A second signal cuts the drain short.
 """
 import argparse
 import asyncio
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--inline-rows", type=int, default=16,
                     help="without concurrent traffic, a lone request of at most this many names runs on the event "
                          "loop thread instead of the engine thread (saves two thread hand-offs); so are Score calls of "
-                         "up to 256 characters; 0 = neither")
+                         "up to 256 characters, end tokens counted; 0 = neither")
     ap.add_argument("--busy-poll-ms", type=float, default=BUSY_POLL_MS,
                     help="after an RPC, keep the event loop polling this long instead of sleeping, while the server "
                          "is otherwise quiet: one-at-a-time requests then find the CPU awake (costs CPU only "

@@ -9,7 +9,7 @@ import torch
 
 from export.fold import float64_reference, fold_batchnorm, max_logit_diff
 from export.reference import reference_generate
-from service.params import GenerateParams
+from service.params import FLOAT32_TINY, MAX_TEMPERATURE, GenerateParams
 from trainer.dataset import build_examples
 from trainer.model import MLP, ModelConfig
 from trainer.sampling import sample_reference
@@ -92,6 +92,8 @@ SETTINGS = [
     dict(prefix="xz", top_k=5),
     dict(prefix="abcdefgh", max_length=9),  # prefix longer than block_size; at most 1 more character
     dict(max_length=1),
+    dict(temperature=MAX_TEMPERATURE, top_k=20, top_p=0.5),  # the ends of the temperature range
+    dict(temperature=FLOAT32_TINY, prefix="a"),
 ]
 
 
@@ -349,7 +351,8 @@ def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint, t
     assert len(ctx) >= 100
     u = rng.random((len(ctx), 2), dtype=np.float32)
     for top_p, thin in ((on, True), (between, False)):
-        feeds = {**unit_feeds(ctx, u, max_tokens=1), "top_p": top_p, "temperature": np.full(len(ctx), temperature, np.float32)}
+        feeds = {**unit_feeds(ctx, u, max_tokens=1), "top_p": top_p,
+                 "temperature": np.full(len(ctx), temperature, np.float32)}
         tokens, _, rechecked = cpu_engine.sampler.run(None, feeds)
         rt, _ = spec(model, feeds)
         assert (tokens == rt.numpy()).all()

@@ -198,7 +198,8 @@ def test_sigterm_drains_in_flight_stream(model_dir, loop):
                                          ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x"),
                                          ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1),
                                          ("--grace", "nan"), ("--max-wait-ms", 1e9), ("--busy-poll-ms", -1),
-                                         ("--threads", 1000), ("--max-samples", 2**31), ("--max-stream-samples", 2**31)])
+                                         ("--threads", 1000), ("--max-samples", 2**31),
+                                         ("--max-stream-samples", 2**31)])
 def test_bad_server_flags_are_usage_errors(flag, value, capsys):
     from service.server import parse_args
 

@@ -96,7 +96,7 @@ def test_loadtest_reports_why_requests_failed(server):
 
 @pytest.mark.parametrize("flag, value", [("--duration", "nan"), ("--warmup", "-5"), ("--timeout", "0"), ("--seed", "-1"),
                                          ("--names-per-request", "99999999999"), ("--requests", "-5"),
-                                         ("--json", "/nonexistent-dir/x.json"), ("--json", "/"),
+                                         ("--json", "/nonexistent-dir/x.json"), ("--json", "."),
                                          ("--target", "127.0.0.1:99999")])
 def test_loadtest_bad_options(flag, value, capsys):
     from service.loadtest import main

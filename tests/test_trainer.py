@@ -164,7 +164,8 @@ def test_train_cli_writes_artifacts_and_every_plot(tmp_path):
 @pytest.mark.parametrize("flag, value", [("--batch-size", "1"), ("--steps", "0"), ("--lr", "nan"), ("--lr", "-0.1"),
                                          ("--ema", "1"), ("--dropout", "1.5"), ("--decay-at", "2"),
                                          ("--n-layers", "0"), ("--optimizer", "adam"), ("--threads", "-1"),
-                                         ("--seed", str(2**64)), ("--batch-size", str(2**21)), ("--n-hidden", "100000000")])
+                                         ("--seed", str(2**64)), ("--batch-size", str(2**21)),
+                                         ("--n-hidden", "100000000")])
 def test_train_cli_bad_settings_are_usage_errors(flag, value, capsys):
     from trainer.train import main
 

@@ -4,8 +4,8 @@
 """
 import argparse
 import math
+import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -106,11 +106,11 @@ def parse_args(argv=None):
     out = Path(args.out)
     if out.suffix.lower() != ".png" or out.is_dir():
         p.error(f"--out must name a .png file, got {args.out}")
-    try:  # before the sweep: an unwritable place must not cost the run
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        p.error(f"--out {args.out}: cannot write there ({e.strerror or e})")
+    folder = out.absolute().parent  # checked before the sweep, not found out after it; created at the end
+    while not folder.exists():
+        folder = folder.parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        p.error(f"--out {args.out}: cannot write there ({folder} is not a writable folder)")
     return args
 
 
@@ -137,8 +137,12 @@ def main(argv=None):
                                       batch_size=args.batch_size, seed=args.seed)
     if len(losses) < args.steps:
         print(f"stopped at lr {lrs[-1]:.3g} after {len(losses)} steps: the loss diverged")
-    print(f"plot: {plot_lr_sweep(lrs, losses, args.out, suggested=suggested)}")
     print(f"suggested learning rate: {suggested:.3g}")
+    try:
+        print(f"plot: {plot_lr_sweep(lrs, losses, args.out, suggested=suggested)}")
+    except OSError as e:  # what the check up front can't see (a read-only mount, a full disk)
+        print(f"error: --out {args.out}: cannot write it ({e.strerror or e})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -65,7 +65,7 @@ def test_client_stream_keeps_the_out_file_until_it_succeeds(server, tmp_path):
 def test_loadtest_cli(server, tmp_path):
     out = tmp_path / "lt.json"
     r = run_cli("service.loadtest", "--target", server.target, "--concurrency", "1,4", "--warmup", "0.1",
-                "--duration", "0.5", "--requests", "50", "--json", out)
+                "--duration", "60", "--requests", "50", "--json", out)  # the request count ends each step, not time
     assert r.returncode == 0, r.stdout + r.stderr
     steps = json.loads(out.read_text())["steps"]
     assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)
@@ -75,7 +75,7 @@ def test_loadtest_cli(server, tmp_path):
 def test_loadtest_score(server, tmp_path, client):
     out = tmp_path / "lt.json"
     r = run_cli("service.loadtest", "--target", server.target, "--rpc", "score", "--names-per-request", "3",
-                "--concurrency", "2", "--client", client, "--warmup", "0", "--duration", "2", "--requests", "20",
+                "--concurrency", "2", "--client", client, "--warmup", "0", "--duration", "60", "--requests", "20",
                 "--json", out)
     assert r.returncode == 0, r.stdout + r.stderr
     (step,) = json.loads(out.read_text())["steps"]
@@ -89,7 +89,7 @@ def test_loadtest_score_without_a_server():
 
 def test_loadtest_reports_why_requests_failed(server):
     r = run_cli("service.loadtest", "--target", server.target, "--max-length", "65", "--warmup", "0",
-                "--duration", "1", "--requests", "5")
+                "--duration", "60", "--requests", "5")
     assert r.returncode == 1, r.stdout + r.stderr  # nothing succeeded
     assert "INVALID_ARGUMENT=5" in r.stdout and "INVALID_ARGUMENT: max_length: must be in" in r.stdout
 

@@ -215,6 +215,8 @@ def main(argv=None):
     try:
         if args.timeout is not None and not 0 < args.timeout < math.inf:  # NaN fails too
             raise UsageError(f"--timeout {args.timeout}: give a finite number of seconds > 0")
+        if not args.target.strip():  # (grpc's C core would log lines of its own before refusing it)
+            raise UsageError("--target is empty: give HOST:PORT, e.g. 127.0.0.1:50051")
         with grpc.insecure_channel(_utf8(args.target, "--target"), options=CHANNEL_OPTIONS) as channel:
             args.func(pb_grpc.NameGeneratorStub(channel), args)
     except grpc.RpcError as e:

@@ -45,6 +45,7 @@ def test_client_cli(server, tmp_path):
     (("score", "emma", os.fsdecode(b"\xe9mma")), "error: name b'\\xe9mma': not valid UTF-8"),
     (("score",), "error: give names to score, or --file"),
     (("score", "--file", "/nonexistent-dir/names.txt"), "error: --file /nonexistent-dir/names.txt: cannot read"),
+    (("info", "--target", ""), "error: --target is empty"),
 ])
 def test_client_cli_bad_options(server, args, message):
     r = run_cli("service.client", "--target", server.target, *args)

@@ -251,12 +251,15 @@ class Batcher:
         self._deliver(parts, results, self._jobs)
 
     def _began(self, parts, now):
-        """These jobs' run begins: the first one of each ends its time in the queue (a metric)."""
+        """These jobs' run begins: for a request's first run, the end of its time in the queue."""
         for job, _ in parts:
-            if not job.served:
-                job.served = True
-                if self.metrics:
-                    self.metrics.queue_time.observe(now - job.enqueued)
+            self._queued(job.request, now - job.enqueued)
+
+    def _queued(self, request, seconds):
+        """The queue-time metric, once per request: at its first model run (nothing drawn yet), not at
+        every chunk of a stream or a large unary request."""
+        if self.metrics and request.drawn == 0:
+            self.metrics.queue_time.observe(seconds)
 
     def _deliver(self, parts, results, requeue):
         """Hand each job its run's names; a job that wants more goes back into `requeue`."""
@@ -329,10 +332,8 @@ class Batcher:
         return True
 
     def _run_direct(self, request, rows):
-        first = request.drawn == 0  # the queue-time metric counts a request once (a stream has many runs)
+        self._queued(request, 0.0)
         (samples,) = self._measured_run([(request, min(rows, request.remaining))], rows)
-        if self.metrics and first:
-            self.metrics.queue_time.observe(0.0)
         return samples
 
     def _measured_run(self, work, rows):

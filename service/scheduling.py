@@ -21,7 +21,7 @@ class DeadlineExceeded(Exception):
 class Job:
     """A request's wish for its next `want` names, waiting in the batcher's queue."""
 
-    __slots__ = ("request", "want", "samples", "future", "enqueued", "deadline", "served", "cancelled")
+    __slots__ = ("request", "want", "samples", "future", "enqueued", "deadline", "cancelled")
 
     def __init__(self, request, want, future, deadline):
         self.request = request
@@ -30,9 +30,6 @@ class Job:
         self.future = future
         self.enqueued = time.perf_counter()
         self.deadline = deadline  # perf_counter time after which nobody is waiting any more, or None
-        # Has had a model run (for the queue-time metric, once per request: a stream's or a large unary
-        # request's later chunks are jobs of a request that drew names already).
-        self.served = request.drawn > 0
         self.cancelled = False
 
     @property

@@ -21,7 +21,7 @@ from service.engine import Engine
 from service.health import DrainingHealthServicer
 from service.metrics import Metrics, rss_report
 from service.servicer import NameGeneratorServicer, add_to_server, pb
-from service.session import ModelFileError, ProviderError
+from service.session import PROVIDERS, ModelFileError, ProviderError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NameGenerator"].full_name
 MiB = 1 << 20
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--model-dir", default="artifacts", help="folder with sampler.onnx and model.onnx")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
-    ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+    ap.add_argument("--provider", choices=PROVIDERS, default="auto",
                     help="ONNX Runtime execution provider; auto = cuda when it loads, else cpu")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads per model run (0 = one per core): a run of 1024+ names is split into row "

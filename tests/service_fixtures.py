@@ -4,6 +4,7 @@ as subprocesses on 127.0.0.1, stubs, metrics scraping, and engines that record o
 The model comes from tests/conftest.py's session fixture `tiny_model_dir`, or from
 $NAMEGEN_TEST_MODEL_DIR when set (to iterate on the service tests against a model you already have).
 """
+import contextlib
 import os
 import signal
 import subprocess
@@ -246,6 +247,16 @@ class GatedEngine(CountingEngine):
 
         while not self.started.is_set():
             await asyncio.sleep(0.001)
+
+
+@contextlib.asynccontextmanager
+async def running(batcher):
+    """The batcher started for the body and closed after it, also when an assertion fails."""
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.close()
 
 
 def submit(batcher, engine, n, seed, max_samples=10**6, **params):

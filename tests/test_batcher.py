@@ -9,21 +9,19 @@ from service.busypoll import BusyPoll
 from service.engine import Engine
 from service.params import GenerateParams
 from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, SMALL_JOB_ROWS
-from tests.service_fixtures import CountingEngine, GatedEngine, assert_same_samples, submit
+from tests.service_fixtures import CountingEngine, GatedEngine, assert_same_samples, running, submit
 
 
 def test_batcher_interleaves_big_and_small(engine):
     async def main():
         eng = CountingEngine(engine)
-        b = Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)
-        b.start()
-        big = submit(b, eng, 20_000, seed=1)
-        await asyncio.sleep(0)
-        smalls = [submit(b, eng, 3, seed=10 + i, max_samples=100) for i in range(5)]
-        done = await asyncio.gather(*smalls)
-        assert all(len(s) == 3 for s in done) and not big.done()  # served between the big one's chunks
-        assert len(await big) == 20_000
-        await b.close()
+        async with running(Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)) as b:
+            big = submit(b, eng, 20_000, seed=1)
+            await asyncio.sleep(0)
+            smalls = [submit(b, eng, 3, seed=10 + i, max_samples=100) for i in range(5)]
+            done = await asyncio.gather(*smalls)
+            assert all(len(s) == 3 for s in done) and not big.done()  # served between the big one's chunks
+            assert len(await big) == 20_000
 
     asyncio.run(main())
 
@@ -33,17 +31,15 @@ def test_batcher_runs_small_jobs_before_large_ones_queued_earlier(engine):
 
     async def main():
         eng = CountingEngine(engine)
-        b = Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)
-        b.start()
-        jobs = [submit(b, eng, 2000, seed) for seed in (1, 2, 3)]  # queued before any run: large, then small
-        jobs += [submit(b, eng, SMALL_JOB_ROWS, seed) for seed in (10, 11, 12)]
-        await asyncio.gather(*jobs)
-        first = dict(eng.runs[0])
-        # Two small jobs fill half the run (a third would pass half), then the oldest large job the rest;
-        # in queue order the first run would have been large job 1's alone.
-        assert first == {10: SMALL_JOB_ROWS, 11: SMALL_JOB_ROWS, 1: 256 - 2 * SMALL_JOB_ROWS}
-        assert (12, SMALL_JOB_ROWS) in eng.runs[1]  # the third at the head of the next run
-        await b.close()
+        async with running(Batcher(eng, max_batch_rows=256, max_wait_ms=0, max_queue=100)) as b:
+            jobs = [submit(b, eng, 2000, seed) for seed in (1, 2, 3)]  # queued before any run: large, then small
+            jobs += [submit(b, eng, SMALL_JOB_ROWS, seed) for seed in (10, 11, 12)]
+            await asyncio.gather(*jobs)
+            first = dict(eng.runs[0])
+            # Two small jobs fill half the run (a third would pass half), then the oldest large job the rest;
+            # in queue order the first run would have been large job 1's alone.
+            assert first == {10: SMALL_JOB_ROWS, 11: SMALL_JOB_ROWS, 1: 256 - 2 * SMALL_JOB_ROWS}
+            assert (12, SMALL_JOB_ROWS) in eng.runs[1]  # the third at the head of the next run
 
     asyncio.run(main())
 
@@ -54,24 +50,22 @@ def test_batcher_serves_small_jobs_during_a_long_run(engine):
 
     async def main():
         eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
-        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
-        b.start()
-        try:
-            big = submit(b, eng, 3000, seed=1)
-            await eng.held()
-            new = submit(b, eng, 1, seed=3, max_samples=100, only_new=True)
-            n = EXPRESS_ROWS // SMALL_JOB_ROWS + 1  # one more than an express run takes
-            params = [GenerateParams(num_samples=SMALL_JOB_ROWS, seed=10 + i) for i in range(n)]
-            small = [b.submit(eng.request(p, 1000), SMALL_JOB_ROWS) for p in params]
-            small = await asyncio.wait_for(asyncio.gather(*small), 10)
-            assert not big.done() and not new.done()  # the long run is still held (and not yet in eng.runs)
-            for got, p in zip(small, params):
-                assert_same_samples(got, engine.generate(p))  # what their seeds give alone
-            assert eng.runs == [[(10 + i, SMALL_JOB_ROWS) for i in range(n - 1)], [(10 + n - 1, SMALL_JOB_ROWS)]]
-        finally:
-            eng.release.set()
-        assert len(await big) == 3000 and len(await new) == 1
-        await b.close()
+        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)) as b:
+            try:
+                big = submit(b, eng, 3000, seed=1)
+                await eng.held()
+                new = submit(b, eng, 1, seed=3, max_samples=100, only_new=True)
+                n = EXPRESS_ROWS // SMALL_JOB_ROWS + 1  # one more than an express run takes
+                params = [GenerateParams(num_samples=SMALL_JOB_ROWS, seed=10 + i) for i in range(n)]
+                small = [b.submit(eng.request(p, 1000), SMALL_JOB_ROWS) for p in params]
+                small = await asyncio.wait_for(asyncio.gather(*small), 10)
+                assert not big.done() and not new.done()  # the long run is still held (and not yet in eng.runs)
+                for got, p in zip(small, params):
+                    assert_same_samples(got, engine.generate(p))  # what their seeds give alone
+                assert eng.runs == [[(10 + i, SMALL_JOB_ROWS) for i in range(n - 1)], [(10 + n - 1, SMALL_JOB_ROWS)]]
+            finally:
+                eng.release.set()
+            assert len(await big) == 3000 and len(await new) == 1
 
     asyncio.run(main())
 
@@ -85,18 +79,16 @@ def test_batcher_bug_in_an_express_run_fails_its_jobs(engine):
 
     async def main():
         eng = BrokenExpress(engine, hold_rows=EXPRESS_AFTER_ROWS)
-        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)
-        b.start()
-        try:
-            big = submit(b, eng, 3000, seed=1)
-            await eng.held()
-            with pytest.raises(TypeError):  # failed, not left waiting
-                await asyncio.wait_for(submit(b, eng, 1, seed=2, max_samples=100), 10)
-        finally:
-            eng.release.set()
-        with pytest.raises(TypeError):  # the run in hand fails with it
-            await big
-        await b.close()
+        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)) as b:
+            try:
+                big = submit(b, eng, 3000, seed=1)
+                await eng.held()
+                with pytest.raises(TypeError):  # failed, not left waiting
+                    await asyncio.wait_for(submit(b, eng, 1, seed=2, max_samples=100), 10)
+            finally:
+                eng.release.set()
+            with pytest.raises(TypeError):  # the run in hand fails with it
+                await big
 
     asyncio.run(main())
 
@@ -107,18 +99,16 @@ def test_batcher_without_batching_keeps_queue_order(engine):
 
     async def main():
         eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
-        b = Batcher(eng, max_batch_rows=0, max_wait_ms=0, max_queue=100)
-        b.start()
-        try:
-            jobs = [submit(b, eng, n, seed) for n, seed in ((3000, 1), (1, 2), (1, 3))]
-            await eng.held()
-            await asyncio.sleep(0.05)
-            assert not any(j.done() for j in jobs)  # no express runs beside the large one
-        finally:
-            eng.release.set()
-        await asyncio.gather(*jobs)
-        assert eng.runs == [[(1, 3000)], [(2, 1)], [(3, 1)]]  # (the held run is recorded once released)
-        await b.close()
+        async with running(Batcher(eng, max_batch_rows=0, max_wait_ms=0, max_queue=100)) as b:
+            try:
+                jobs = [submit(b, eng, n, seed) for n, seed in ((3000, 1), (1, 2), (1, 3))]
+                await eng.held()
+                await asyncio.sleep(0.05)
+                assert not any(j.done() for j in jobs)  # no express runs beside the large one
+            finally:
+                eng.release.set()
+            await asyncio.gather(*jobs)
+            assert eng.runs == [[(1, 3000)], [(2, 1)], [(3, 1)]]  # (the held run is recorded once released)
 
     asyncio.run(main())
 
@@ -130,22 +120,20 @@ def test_batcher_express_runs_beside_a_real_long_run(model_dir):
     eng = CountingEngine(Engine(model_dir, provider="cpu", threads=2))
 
     async def main():
-        b = Batcher(eng, max_batch_rows=16384, max_wait_ms=0, max_queue=100)
-        b.start()
-        big_params = GenerateParams(num_samples=16384, seed=1)
-        big = asyncio.ensure_future(b.submit(eng.request(big_params, 10**6), 16384))
-        while not eng.runs:
-            await asyncio.sleep(0)
-        params = [GenerateParams(num_samples=1 + i % 5, seed=100 + i, temperature=0.5 + i / 10) for i in range(40)]
-        small, overlapped = [], 0
-        for p in params:
-            small.append(await b.submit(eng.request(p, 1000), p.num_samples))
-            overlapped += not big.done()
-        assert overlapped  # at least one express run went beside the long run
-        for got, p in zip(small, params):
-            assert_same_samples(got, eng.engine.generate(p))
-        assert_same_samples(await big, eng.engine.generate(big_params))
-        await b.close()
+        async with running(Batcher(eng, max_batch_rows=16384, max_wait_ms=0, max_queue=100)) as b:
+            big_params = GenerateParams(num_samples=16384, seed=1)
+            big = asyncio.ensure_future(b.submit(eng.request(big_params, 10**6), 16384))
+            while not eng.runs:
+                await asyncio.sleep(0)
+            params = [GenerateParams(num_samples=1 + i % 5, seed=100 + i, temperature=0.5 + i / 10) for i in range(40)]
+            small, overlapped = [], 0
+            for p in params:
+                small.append(await b.submit(eng.request(p, 1000), p.num_samples))
+                overlapped += not big.done()
+            assert overlapped  # at least one express run went beside the long run
+            for got, p in zip(small, params):
+                assert_same_samples(got, eng.engine.generate(p))
+            assert_same_samples(await big, eng.engine.generate(big_params))
 
     asyncio.run(main())
 
@@ -153,14 +141,13 @@ def test_batcher_express_runs_beside_a_real_long_run(model_dir):
 def test_batcher_bounds_pending_names(engine):
     async def main():
         b = Batcher(engine, max_batch_rows=256, max_wait_ms=0, max_queue=100, max_queue_names=5000)
-        b.start()
-        jobs = [submit(b, engine, 3000, seed) for seed in range(3)]  # submitted before any run
-        out = await asyncio.gather(*jobs, return_exceptions=True)
-        assert len(out[0]) == 3000  # room for 3,000 names, not for 6,000
-        assert all(isinstance(e, QueueFull) and "names pending" in str(e) for e in out[1:])
-        assert b.pending == 0 and b.pending_names == 0
-        assert len(await submit(b, engine, 3000, seed=1)) == 3000  # the queue has emptied: room again
-        await b.close()
+        async with running(b):
+            jobs = [submit(b, engine, 3000, seed) for seed in range(3)]  # submitted before any run
+            out = await asyncio.gather(*jobs, return_exceptions=True)
+            assert len(out[0]) == 3000  # room for 3,000 names, not for 6,000
+            assert all(isinstance(e, QueueFull) and "names pending" in str(e) for e in out[1:])
+            assert b.pending == 0 and b.pending_names == 0
+            assert len(await submit(b, engine, 3000, seed=1)) == 3000  # the queue has emptied: room again
 
     asyncio.run(main())
 
@@ -168,19 +155,17 @@ def test_batcher_bounds_pending_names(engine):
 def test_batcher_drops_cancelled_work(engine):
     async def main():
         eng = CountingEngine(engine)
-        b = Batcher(eng, max_batch_rows=128, max_wait_ms=0, max_queue=100)
-        b.start()
-        task = submit(b, eng, 100_000, seed=7)
-        while eng.rows.get(7, 0) < 256:  # a few runs in
-            await asyncio.sleep(0.001)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert b.pending == 0
-        drawn = eng.rows[7]
-        assert len(await submit(b, eng, 5, seed=8, max_samples=100)) == 5  # the worker moved on
-        assert eng.rows[7] <= drawn + 128  # at most the run in flight when it was cancelled
-        await b.close()
+        async with running(Batcher(eng, max_batch_rows=128, max_wait_ms=0, max_queue=100)) as b:
+            task = submit(b, eng, 100_000, seed=7)
+            while eng.rows.get(7, 0) < 256:  # a few runs in
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert b.pending == 0
+            drawn = eng.rows[7]
+            assert len(await submit(b, eng, 5, seed=8, max_samples=100)) == 5  # the worker moved on
+            assert eng.rows[7] <= drawn + 128  # at most the run in flight when it was cancelled
 
     asyncio.run(main())
 
@@ -190,19 +175,17 @@ def test_a_cancelled_run_still_keeps_the_server_busy(engine):
     polling beside it) and a small request doesn't take the direct path (a second run beside it)."""
     async def main():
         eng = GatedEngine(engine, hold_rows=1000)
-        b = Batcher(eng, max_batch_rows=4096, max_wait_ms=0)
-        b.start()
-        try:
-            task = submit(b, eng, 3000, seed=1)
-            await eng.held()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            small = eng.request(GenerateParams(num_samples=1, seed=2), 100)
-            assert b.pending == 0 and not b.quiet() and not b._direct_ok(small, 1)
-        finally:
-            eng.release.set()
-            await b.close()
+        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=0)) as b:
+            try:
+                task = submit(b, eng, 3000, seed=1)
+                await eng.held()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                small = eng.request(GenerateParams(num_samples=1, seed=2), 100)
+                assert b.pending == 0 and not b.quiet() and not b._direct_ok(small, 1)
+            finally:
+                eng.release.set()
 
     asyncio.run(main())
 
@@ -213,11 +196,9 @@ def test_batcher_bug_fails_the_run_in_hand(engine):
             return None  # a bug between the model run and handing out the names
 
     async def main():
-        b = Batcher(Broken(engine), max_wait_ms=0, inline_rows=0)  # inline_rows 0: through the worker
-        b.start()
-        with pytest.raises(RuntimeError, match="internal batching error"):
-            await asyncio.wait_for(submit(b, engine, 5, seed=1, max_samples=100), 30)  # failed, not left waiting
-        await b.close()
+        async with running(Batcher(Broken(engine), max_wait_ms=0, inline_rows=0)) as b:  # inline_rows 0: the worker
+            with pytest.raises(RuntimeError, match="internal batching error"):
+                await asyncio.wait_for(submit(b, engine, 5, seed=1, max_samples=100), 30)  # failed, not left waiting
 
     asyncio.run(main())
 

@@ -12,7 +12,7 @@ import torch
 
 from data.names import DataError, load_words, resolve_data_path
 from trainer.dataset import Vocab, build_examples, split_words
-from trainer.model import MAX_BATCH, MLP, ModelConfig
+from trainer.model import MLP, ModelConfig, run_problem
 from trainer.plots import SWEEP_SMOOTH, plot_lr_sweep, smooth_sweep
 
 DIVERGED = 4.0  # stop once the loss exceeds this multiple of the lowest loss so far
@@ -99,10 +99,8 @@ def parse_args(argv=None):
         p.error(problem)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    if not 2 <= args.batch_size <= MAX_BATCH:
-        p.error(f"--batch-size must be in [2, {MAX_BATCH:,}] (BatchNorm needs a batch)")
-    if not 0 <= args.seed < 2**64:
-        p.error(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+    if (problem := run_problem(args.batch_size, args.seed)) is not None:
+        p.error(problem)
     out = Path(args.out)
     if out.suffix.lower() != ".png" or out.is_dir():
         p.error(f"--out must name a .png file, got {args.out}")

@@ -10,6 +10,16 @@ MAX_PARAMS = 10**9  # 4 GB of float32 weights, more again for gradients and opti
 MAX_BATCH = 2**20
 
 
+def run_problem(batch_size, seed):
+    """The first problem with a run's minibatch size or seed (train and lr_sweep), as a message naming its
+    flag, or None."""
+    if not 2 <= batch_size <= MAX_BATCH:
+        return f"--batch-size must be in [2, {MAX_BATCH:,}] (BatchNorm needs a batch), got {batch_size}"
+    if not 0 <= seed < 2**64:
+        return f"--seed must be in [0, 2**64 - 1], got {seed}"
+    return None
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 27

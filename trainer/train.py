@@ -23,7 +23,7 @@ from trainer import bigram, plots
 from trainer.checkpoint import save_checkpoint
 from trainer.lr_sweep import lr_sweep
 from trainer.dataset import Vocab, build_examples, split_words
-from trainer.model import MAX_BATCH, MLP, ModelConfig
+from trainer.model import MLP, ModelConfig, run_problem
 from trainer.sampling import decode_tokens, sample_reference
 
 
@@ -200,10 +200,8 @@ def config_error(mc, tc):
     for name, v in {"steps": tc.steps, "eval_every": tc.eval_every, "record_every": tc.record_every}.items():
         if v < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {v}"
-    if not 2 <= tc.batch_size <= MAX_BATCH:
-        return f"--batch-size must be in [2, {MAX_BATCH:,}] (BatchNorm needs a batch), got {tc.batch_size}"
-    if not 0 <= tc.seed < 2**64:
-        return f"--seed must be in [0, 2**64 - 1], got {tc.seed}"
+    if (problem := run_problem(tc.batch_size, tc.seed)) is not None:
+        return problem
     ranges = {
         "lr": (tc.lr, "> 0", lambda x: 0 < x < math.inf),
         "lr_final": (tc.lr_final, ">= 0", lambda x: 0 <= x < math.inf),

@@ -66,7 +66,7 @@ def test_client_stream_keeps_the_out_file_until_it_succeeds(server, tmp_path):
 def test_loadtest_cli(server, tmp_path):
     out = tmp_path / "lt.json"
     r = run_cli("service.loadtest", "--target", server.target, "--concurrency", "1,4", "--warmup", "0.1",
-                "--duration", "60", "--requests", "50", "--json", out)  # the request count ends each step, not time
+                "--duration", "60", "--requests", "50", "--procs", "2", "--json", out)  # the count ends each step
     assert r.returncode == 0, r.stdout + r.stderr
     steps = json.loads(out.read_text())["steps"]
     assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)

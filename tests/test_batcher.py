@@ -244,3 +244,31 @@ def test_batcher_is_quiet_only_without_pending_work(engine):
     with b.slot():
         assert not b.quiet()
     assert b.quiet()
+
+
+def test_queue_time_is_observed_once_per_request_on_either_path(engine):
+    """A request drawn a chunk at a time (a stream) waits in the queue once: its queue time is observed at its
+    first run, whether that run went through the queue or straight to the engine (an idle server's small
+    runs), and not again at each later chunk."""
+    from service.metrics import Metrics
+
+    paths = []
+
+    def noting(path, method):
+        def wrapped(*args):
+            paths.append(path)
+            return method(*args)
+        return wrapped
+
+    async def main():
+        metrics = Metrics()
+        async with running(Batcher(engine, max_batch_rows=256, max_wait_ms=0, metrics=metrics, inline_rows=16)) as b:
+            b._run_direct, b._began = noting("direct", b._run_direct), noting("queue", b._began)
+            for seed in (1, 2):
+                req = engine.request(GenerateParams(num_samples=40, seed=seed), 1000)
+                chunks = [await b.submit(req, 4, admitted=True) for _ in range(10)]
+                assert sum(map(len, chunks)) == 40
+                assert metrics.registry.get_sample_value("namegen_queue_time_seconds_count") == seed
+
+    asyncio.run(main())
+    assert len(paths) == 20 and {"direct", "queue"} <= set(paths)  # a path per chunk, and both were taken

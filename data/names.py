@@ -125,8 +125,14 @@ def load_words(path):
 
 
 if __name__ == "__main__":
+    import argparse
     import sys
 
+    argparse.ArgumentParser(
+        prog="python -m data.names",
+        description="Obtain names.txt ($NAMES_TXT, ../shared/data/names.txt, the cached data/names.txt, or a "
+                    f"download from {NAMES_URL}) and verify its sha256. Takes no options.",
+    ).parse_args()
     try:
         path = default_names_path()
         print(f"{path}: sha256 verified ({NAMES_SHA256[:12]}...)")

@@ -45,11 +45,11 @@ class GenerateParams:
         t = self.temperature
         if not _float32_ok(t, MAX_TEMPERATURE):
             raise InvalidArgument("temperature", f"must be a number in (0, {MAX_TEMPERATURE:g}] (at least "
-                                                 f"{FLOAT32_TINY:.3g} as float32, the sampler's type), got {t!r}")
+                                                 f"{FLOAT32_TINY:.5g} as float32, the sampler's type), got {t!r}")
         _int("top_k", self.top_k, 0, V, "(0 disables top-k)")
         p = self.top_p
         if not _float32_ok(p, 1.0):
-            raise InvalidArgument("top_p", f"must be in (0, 1] (at least {FLOAT32_TINY:.3g}), got {p!r}")
+            raise InvalidArgument("top_p", f"must be in (0, 1] (at least {FLOAT32_TINY:.5g}), got {p!r}")
         _int("max_length", self.max_length, 1, MAX_LENGTH_LIMIT)
         if not isinstance(self.prefix, str):
             raise InvalidArgument("prefix", f"must be a string, got {type(self.prefix).__name__}")

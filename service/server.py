@@ -61,8 +61,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-queue", type=int, default=1024,
                     help="most requests pending (queued or being served); more get RESOURCE_EXHAUSTED")
     ap.add_argument("--max-queue-names", type=int, default=1_000_000,
-                    help="most names wanted by the pending requests together (~210 MiB of results); more get "
-                         "RESOURCE_EXHAUSTED")
+                    help="most names wanted by the pending requests together (~210 MiB of results); a request "
+                         "that would go past it gets RESOURCE_EXHAUSTED, unless nothing else is pending (one "
+                         "larger than the bound then runs alone)")
     ap.add_argument("--max-samples", type=int, default=100_000, help="most names per Generate (and per Score)")
     ap.add_argument("--max-stream-samples", type=int, default=10_000_000, help="most names per GenerateStream")
     ap.add_argument("--max-streams", type=int, default=16,

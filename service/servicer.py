@@ -253,9 +253,10 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
     async def Score(self, request, context):
         t0 = time.perf_counter()
         try:
-            names = list(_parsed(request).names)
-            if len(names) > self.max_samples:
-                raise InvalidArgument("names", f"at most {self.max_samples} names per request, got {len(names)}")
+            count = len(_parsed(request).names)  # before a Python string is made for each
+            if count > self.max_samples:
+                raise InvalidArgument("names", f"at most {self.max_samples} names per request, got {count}")
+            names = list(request.names)
             rows = self.engine.check_score_names(names)
             with self.batcher.slot(rows):
                 scores = await self.batcher.score(names, rows)

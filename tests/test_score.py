@@ -35,6 +35,25 @@ def test_score_invalid_argument(stub, channel, names):
     assert_healthy(channel, stub)
 
 
+def test_score_message_larger_than_any_valid_call(stub, channel):
+    """gRPC refuses it before it is parsed (a flood of them can't take the server's memory)."""
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(pb.ScoreRequest(names=["x" * 2_000_000]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_healthy(channel, stub)
+
+
+def test_receive_limit_fits_the_largest_valid_score_calls():
+    from service.engine import MAX_SCORE_CHARS, MAX_SCORE_NAME
+    from service.server import receive_limit
+
+    for vocab, c in ([".", "a", "b"], "a"), ([".", "a", "\u20ac"], "\u20ac"):  # 1 and 3 bytes in UTF-8
+        limit = receive_limit(vocab, 100_000)
+        many = pb.ScoreRequest(names=[c * (MAX_SCORE_CHARS // 100_000)] * 100_000).ByteSize()
+        long = pb.ScoreRequest(names=[c * MAX_SCORE_NAME] * (MAX_SCORE_CHARS // MAX_SCORE_NAME)).ByteSize()
+        assert max(many, long) <= limit < 2 * max(many, long)
+
+
 def test_score_in_several_engine_calls(stub, engine):
     letters = "abcdefghij"
     names = [(a + b + c + d) * 3 for a in letters for b in letters for c in letters for d in "aeiou"]  # 5,000 x 12

@@ -78,7 +78,9 @@ class ServerProcess:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"server not SERVING: rc={self.proc.poll()} stderr={self.stderr[-5:]}")
+                    rc = self.proc.poll()
+                    self.stop(timeout=5)  # not left running behind the failed test
+                    raise RuntimeError(f"server not SERVING: rc={rc} stderr={self.stderr[-5:]}")
                 time.sleep(0.05)
 
     def signal(self, sig=signal.SIGTERM):
@@ -242,11 +244,14 @@ class GatedEngine(CountingEngine):
         return super().run(parts)
 
     async def held(self):
-        """Return once a long run is being held."""
+        """Return once a long run is being held (fail, not hang, if none comes within 30 s)."""
         import asyncio
 
-        while not self.started.is_set():
-            await asyncio.sleep(0.001)
+        async def started():
+            while not self.started.is_set():
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(started(), 30)
 
 
 @contextlib.asynccontextmanager

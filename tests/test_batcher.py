@@ -157,7 +157,9 @@ def test_batcher_drops_cancelled_work(engine):
         eng = CountingEngine(engine)
         async with running(Batcher(eng, max_batch_rows=128, max_wait_ms=0, max_queue=100)) as b:
             task = submit(b, eng, 100_000, seed=7)
-            while eng.rows.get(7, 0) < 256:  # a few runs in
+            for _ in range(30_000):  # a few runs in (30 s at most: a regression fails instead of hanging)
+                if eng.rows.get(7, 0) >= 256:
+                    break
                 await asyncio.sleep(0.001)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

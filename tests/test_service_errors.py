@@ -102,19 +102,33 @@ def test_deadline_exceeded(server, stub, channel):
     assert_healthy(channel, stub)
 
 
-def test_stream_past_its_deadline_counts_as_deadline_exceeded(server, stub, channel):
-    """A client that stops reading: flow control holds the server's stream until the deadline cancels it.
-    The server sees a cancellation, and counts it under the code the client saw."""
+def test_stream_past_its_deadline_is_cancelled(server, stub, channel):
+    """A client that stops reading: flow control holds the server's stream until the deadline cancels it,
+    and the server counts one stream stopped early. (Which of the two codes it counts depends on timing
+    when the server was off the CPU as the request arrived: test_cancelled_code covers the rule.)"""
     ended0 = stopped_early(server, "GenerateStream")
-    it = stub.GenerateStream(pb.GenerateRequest(num_samples=2_000_000, seed=4, chunk_size=1000), timeout=1.0)
+    it = stub.GenerateStream(pb.GenerateRequest(num_samples=2_000_000, seed=4, chunk_size=1000), timeout=3.0)
     next(it)
-    time.sleep(1.2)
+    time.sleep(3.2)
     with pytest.raises(grpc.RpcError) as e:
         for _ in it:
             pass
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for_stop(server, "GenerateStream", ended0) == (ended0[0] + 1, ended0[1])
+    deadline, cancelled = wait_for_stop(server, "GenerateStream", ended0)
+    assert deadline + cancelled == sum(ended0) + 1
     assert_healthy(channel, stub)
+
+
+@pytest.mark.parametrize("left, code", [(0.0, "DEADLINE_EXCEEDED"), (0.005, "DEADLINE_EXCEEDED"),
+                                        (100.0, "CANCELLED"), (None, "CANCELLED")])
+def test_cancelled_code(left, code):
+    from service.servicer import cancelled_code
+
+    class Context:
+        def time_remaining(self):
+            return left
+
+    assert cancelled_code(Context()) == code
 
 
 def test_overload_gives_resource_exhausted(model_dir):
@@ -178,17 +192,20 @@ def test_sigterm_drains_in_flight_stream(model_dir, loop):
     """In-flight RPCs finish; health watchers see NOT_SERVING and their Watch ends, so it doesn't hold the
     exit for the whole --grace (60 s here)."""
     s = start_server(model_dir, "--grace", 60, "--event-loop", loop)
-    with grpc.insecure_channel(s.target) as ch:
-        st = pb_grpc.NameGeneratorStub(ch)
-        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=120)
-        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        it = st.GenerateStream(pb.GenerateRequest(num_samples=60_000, seed=2, chunk_size=2_000), timeout=120)
-        n = len(next(it).samples)  # the stream is in flight
-        s.signal()
-        n += sum(len(c.samples) for c in it)  # ... and still completes
-        assert [r.status for r in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]  # then the Watch ends
-    assert n == 60_000
-    assert s.wait(40) == 0
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            st = pb_grpc.NameGeneratorStub(ch)
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=120)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            it = st.GenerateStream(pb.GenerateRequest(num_samples=60_000, seed=2, chunk_size=2_000), timeout=120)
+            n = len(next(it).samples)  # the stream is in flight
+            s.signal()
+            n += sum(len(c.samples) for c in it)  # ... and still completes
+            assert [r.status for r in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]  # then the Watch ends
+        assert n == 60_000
+        assert s.wait(40) == 0
+    finally:
+        s.stop(timeout=5)  # a no-op once it exited; a failure above doesn't leave it running
     assert any("draining" in line for line in s.stdout)
     uv = importlib.util.find_spec("uvloop") is not None
     assert any(f"event-loop={'uvloop' if uv and loop == 'auto' else 'asyncio'} " in line for line in s.stdout)

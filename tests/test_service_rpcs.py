@@ -79,7 +79,9 @@ def test_cancelled_stream_stops_drawing(server, channel, stub):
     it.cancel()
     assert wait_for_stop(server, "GenerateStream", ended0) == (ended0[0], ended0[1] + 1)  # far from its deadline
     rows = scrape(server, "namegen_batch_rows_sum") - rows0
-    assert 2000 <= rows <= 200_000  # what flow control let it send ahead, far from the 2M asked for
+    # What flow control let it send ahead before the cancel: it grows with the time the client took (~100k
+    # rows in 5 s here, as the transport's windows grow), so only "short of the 2M asked for" is certain.
+    assert 2000 <= rows < 2_000_000 - 1000
     for i in range(5):  # each gives the worker another round, in which a live stream job would draw again
         gen(stub, num_samples=1, seed=i)
     assert scrape(server, "namegen_batch_rows_sum") - rows0 <= rows + 5 + 1000  # + a chunk that was in flight

@@ -264,6 +264,18 @@ async def running(batcher):
         await batcher.close()
 
 
+@contextlib.asynccontextmanager
+async def holding(batcher, engine, rows=3000, seed=1):
+    """A request of `rows` names (its task is yielded) whose long run the GatedEngine holds on the engine
+    thread during the body; released after it, also when an assertion fails."""
+    big = submit(batcher, engine, rows, seed)
+    try:
+        await engine.held()
+        yield big
+    finally:
+        engine.release.set()
+
+
 def submit(batcher, engine, n, seed, max_samples=10**6, **params):
     """batcher.submit of a fresh request for n names with this seed, as a task (started, not awaited)."""
     import asyncio

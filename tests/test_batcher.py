@@ -9,7 +9,7 @@ from service.busypoll import BusyPoll
 from service.engine import Engine
 from service.params import GenerateParams
 from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, SMALL_JOB_ROWS
-from tests.service_fixtures import CountingEngine, GatedEngine, assert_same_samples, running, submit
+from tests.service_fixtures import CountingEngine, GatedEngine, assert_same_samples, holding, running, submit
 
 
 def test_batcher_interleaves_big_and_small(engine):
@@ -51,9 +51,7 @@ def test_batcher_serves_small_jobs_during_a_long_run(engine):
     async def main():
         eng = GatedEngine(engine, hold_rows=EXPRESS_AFTER_ROWS)
         async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)) as b:
-            try:
-                big = submit(b, eng, 3000, seed=1)
-                await eng.held()
+            async with holding(b, eng) as big:
                 new = submit(b, eng, 1, seed=3, max_samples=100, only_new=True)
                 n = EXPRESS_ROWS // SMALL_JOB_ROWS + 1  # one more than an express run takes
                 params = [GenerateParams(num_samples=SMALL_JOB_ROWS, seed=10 + i) for i in range(n)]
@@ -63,8 +61,6 @@ def test_batcher_serves_small_jobs_during_a_long_run(engine):
                 for got, p in zip(small, params):
                     assert_same_samples(got, engine.generate(p))  # what their seeds give alone
                 assert eng.runs == [[(10 + i, SMALL_JOB_ROWS) for i in range(n - 1)], [(10 + n - 1, SMALL_JOB_ROWS)]]
-            finally:
-                eng.release.set()
             assert len(await big) == 3000 and len(await new) == 1
 
     asyncio.run(main())
@@ -80,13 +76,9 @@ def test_batcher_bug_in_an_express_run_fails_its_jobs(engine):
     async def main():
         eng = BrokenExpress(engine, hold_rows=EXPRESS_AFTER_ROWS)
         async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=0, max_queue=100)) as b:
-            try:
-                big = submit(b, eng, 3000, seed=1)
-                await eng.held()
+            async with holding(b, eng) as big:
                 with pytest.raises(TypeError):  # failed, not left waiting
                     await asyncio.wait_for(submit(b, eng, 1, seed=2, max_samples=100), 10)
-            finally:
-                eng.release.set()
             with pytest.raises(TypeError):  # the run in hand fails with it
                 await big
 
@@ -177,17 +169,12 @@ def test_a_cancelled_run_still_keeps_the_server_busy(engine):
     polling beside it) and a small request doesn't take the direct path (a second run beside it)."""
     async def main():
         eng = GatedEngine(engine, hold_rows=1000)
-        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=0)) as b:
-            try:
-                task = submit(b, eng, 3000, seed=1)
-                await eng.held()
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                small = eng.request(GenerateParams(num_samples=1, seed=2), 100)
-                assert b.pending == 0 and not b.quiet() and not b._direct_ok(small, 1)
-            finally:
-                eng.release.set()
+        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=0)) as b, holding(b, eng) as task:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            small = eng.request(GenerateParams(num_samples=1, seed=2), 100)
+            assert b.pending == 0 and not b.quiet() and not b._direct_ok(small, 1)
 
     asyncio.run(main())
 

@@ -8,7 +8,7 @@ import pytest
 
 from service.batcher import SCORE_INLINE_ROWS, SCORE_PIECE_ROWS, SCORE_ROWS_IN_FLIGHT, Batcher, QueueFull
 from service.scheduling import EXPRESS_AFTER_ROWS
-from tests.service_fixtures import CountingEngine, GatedEngine, assert_healthy, pb, running, submit
+from tests.service_fixtures import CountingEngine, GatedEngine, assert_healthy, holding, pb, running
 
 
 def test_score(stub, checkpoint):
@@ -97,19 +97,15 @@ def test_batcher_scores_during_a_long_run(engine, provider, inline_rows):
     async def main():
         eng = Recording(engine, hold_rows=EXPRESS_AFTER_ROWS)
         eng.provider = provider
-        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=0, inline_rows=inline_rows)) as b:
-            try:
-                big = submit(b, eng, 3000, seed=1)
-                await eng.held()
-                calls = [asyncio.ensure_future(b.score(w, engine.check_score_names(w))) for w in (small, large, empty)]
-                await asyncio.wait(calls, timeout=10 if provider == "cpu" else 0.2)  # while the long run is held
-                assert [c.done() for c in calls] == [provider == "cpu"] * 3 and not big.done()
-                eng.release.set()
-                got = await asyncio.wait_for(asyncio.gather(*calls), 10)
-                assert got == [engine.score(w) for w in (small, large, empty)]
-                assert len(await big) == 3000
-            finally:
-                eng.release.set()
+        batcher = Batcher(eng, max_batch_rows=4096, max_wait_ms=0, inline_rows=inline_rows)
+        async with running(batcher) as b, holding(b, eng) as big:
+            calls = [asyncio.ensure_future(b.score(w, engine.check_score_names(w))) for w in (small, large, empty)]
+            await asyncio.wait(calls, timeout=10 if provider == "cpu" else 0.2)  # while the long run is held
+            assert [c.done() for c in calls] == [provider == "cpu"] * 3 and not big.done()
+            eng.release.set()
+            got = await asyncio.wait_for(asyncio.gather(*calls), 10)
+            assert got == [engine.score(w) for w in (small, large, empty)]
+            assert len(await big) == 3000
         inline = provider == "cpu" and inline_rows > 0
         where = [eng.threads[len(w)] for w in (small, large, empty)]
         assert where[0] == (threading.current_thread().name if inline else where[1])

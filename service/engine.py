@@ -14,8 +14,8 @@ import numpy as np
 from service.params import GenerateParams, InvalidArgument, clip, outside_vocab, uniform_stream
 from service.session import ModelFileError, cpu_cores, make_session, read_metadata
 
-# A Score call's characters in all: ~1 s of model time on 2 cores. Without a bound, one request of millions of characters
-# would hold the scoring thread for many seconds and the reply could outgrow the message limit.
+# A Score call's characters in all: ~1 s of model time on 2 cores. Without a bound, one call of millions of
+# characters would hold the scoring thread for many seconds and the reply could outgrow the message limit.
 MAX_SCORE_CHARS = 1_000_000
 MAX_SCORE_NAME = 10_000  # characters per name: a name is scored in one engine call (~8 ms at this length)
 ONLY_NEW_PROBE = 10_000  # draws after which an only_new request finding under 0.5% new names gives up

@@ -52,7 +52,15 @@ train: $(STAMP)
 $(ART)/model.pt: | $(STAMP)
 	$(PY) -m trainer.train --preset $(PRESET) --out-dir $(ART) $(TRAIN_ARGS)
 
+# PRESET chooses what `make train` trains; an existing checkpoint is used as it is. Say so when PRESET was
+# given and names another preset than the checkpoint's (from its metrics.json).
+PRESET_NOTE = @case "$(origin PRESET)" in "command line"|environment) \
+	test -f $(ART)/metrics.json && ! grep -q '"preset": "$(PRESET)"' $(ART)/metrics.json && \
+	echo "note: $(ART)/model.pt was not trained with PRESET=$(PRESET), which only applies to training;" \
+	"run \`make train export PRESET=$(PRESET)\` to train and use it"; esac; true
+
 export: $(ART)/model.pt
+	$(PRESET_NOTE)
 	$(PY) -m export.export --checkpoint $(ART)/model.pt --out-dir $(ART)
 
 # Re-exported when the checkpoint or the code that builds the graphs changes (a pull that changes the
@@ -72,6 +80,7 @@ lr-sweep: $(STAMP)
 	$(PY) -m trainer.lr_sweep --out $(ART)/plots/lr_sweep.png
 
 serve: $(ART)/sampler.onnx $(STUBS)
+	$(PRESET_NOTE)
 	$(PY) -m service.server --model-dir $(ART) --host $(HOST) --port $(PORT) --provider $(PROVIDER) $(SERVE_ARGS)
 
 load: $(STUBS)

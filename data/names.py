@@ -38,8 +38,9 @@ def _verified(path):
     digest = sha256_of(path)
     if digest != NAMES_SHA256:
         raise DataError(
-            f"{path}: sha256 {digest[:12]}... does not match names.txt ({NAMES_SHA256[:12]}...); "
-            f"delete it or point NAMES_TXT at a good copy"
+            f"{path}: sha256 {digest[:12]}... is not makemore's names.txt ({NAMES_SHA256[:12]}...); the default "
+            f"data must be that file (set NAMES_TXT to a good copy, or remove a damaged download); "
+            f"to train on another word list, pass it as --data PATH"
         )
     return path
 
@@ -65,7 +66,7 @@ def default_names_path(download=True):
         tmp.unlink(missing_ok=True)
         raise DataError(
             f"could not download names.txt from {NAMES_URL} ({e}); "
-            f"set NAMES_TXT to a local copy or pass --data PATH"
+            f"set NAMES_TXT to a local copy of it, or train on another word list with --data PATH"
         ) from None
     try:
         _verified(tmp)

@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.files import cli, unwritable, write_text
 from service.engine import Engine
 from service.params import DEFAULT_MAX_LENGTH, GenerateParams
 from service.session import ModelFileError, ProviderError, provider_list
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.sampling import sample_reference
 
+MAX_BATCH = 1 << 20  # names per timed call: 65536 is the largest; memory grows with it
 T = DEFAULT_MAX_LENGTH + 1  # uniform columns: max_length characters, then the forced end token
 
 
@@ -124,8 +126,13 @@ def main(argv=None):
         sizes = [int(s) for s in args.batch_sizes.split(",")]
     except ValueError:
         p.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
-    if not (0 <= args.threads <= 256 and min(sizes) >= 1 and 0 < args.min_seconds <= 600 and args.rounds >= 1):
-        p.error("--threads must be in [0, 256], --batch-sizes >= 1, --min-seconds in (0, 600] and --rounds >= 1")
+    for ok, flag, want, got in ((0 <= args.threads <= 256, "--threads", "in [0, 256]", args.threads),
+                                (all(1 <= b <= MAX_BATCH for b in sizes), "--batch-sizes", f"in [1, {MAX_BATCH:,}] each",
+                                 args.batch_sizes),
+                                (0 < args.min_seconds <= 600, "--min-seconds", "in (0, 600]", args.min_seconds),
+                                (args.rounds >= 1, "--rounds", ">= 1", args.rounds)):
+        if not ok:
+            p.error(f"{flag} must be {want}, got {got}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"bench: model_dir={args.model_dir} batch_sizes={sizes} min_seconds={args.min_seconds} "
@@ -135,6 +142,9 @@ def main(argv=None):
         model, _, ckpt = load_checkpoint(Path(args.model_dir) / "model.pt")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    out = Path(args.model_dir) / "bench.json"
+    if (problem := unwritable(out, "--model-dir")) is not None:
+        p.error(problem)  # found out now, not after the whole benchmark
     g = torch.Generator().manual_seed(0)
     engines = {}
     for provider in args.providers:
@@ -173,10 +183,9 @@ def main(argv=None):
         rounds.append((speed, lat))
     res = summarize(rounds, plan, engines, args.rounds)
     res.update(config=ckpt["model_config"], cores=os.cpu_count())
-    out = Path(args.model_dir) / "bench.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_text(out, json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

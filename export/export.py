@@ -4,6 +4,7 @@
 """
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from data.files import cli, replacing
 from data.names import sha256_of
 from export.fold import fold_for_export, folded_logit_error
 from export.graphs import OPSET, build_logits_model, logit_shift
@@ -59,7 +61,11 @@ def export(checkpoint, out_dir):
     Xva, _ = build_examples(val, vocab, model.cfg.block_size)
     diff = folded_logit_error(model, folded, Xva)
     if diff > FOLD_TOLERANCE:
-        raise RuntimeError(f"folding changed the logits by {diff:.2e} > {FOLD_TOLERANCE:g}; refusing to export")
+        m, why = ckpt["metrics"], ""
+        if m.get("val_loss", 0) > m.get("bigram_val_loss", math.inf):  # huge logits: float32 can't hold 1e-5
+            why = (f" (its val loss {m['val_loss']:.4g} is worse than the bigram baseline's "
+                   f"{m['bigram_val_loss']:.4g}: the training diverged; train again with a lower --lr)")
+        raise RuntimeError(f"folding changed the logits by {diff:.2e} > {FOLD_TOLERANCE:g}; refusing to export{why}")
     sha = sha256_of(checkpoint)
     meta = metadata(ckpt, sha)
     out = Path(out_dir)
@@ -67,11 +73,11 @@ def export(checkpoint, out_dir):
     for path, build in zip(paths, (build_logits_model, build_sampler_model)):
         graph = build(folded, model.cfg.block_size, meta)
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            onnx.save(graph, path)
+            with replacing(path) as tmp:  # whole or not at all: a half-written graph must not look exported
+                onnx.save(graph, tmp)
+                onnx.checker.check_model(str(tmp), full_check=True)
         except OSError as e:
             raise RuntimeError(f"--out-dir {out}: cannot write {path.name} there ({e.strerror or e})") from None
-        onnx.checker.check_model(str(path), full_check=True)
     return ExportReport(str(checkpoint), sha, diff, len(Xva), str(paths[0]), str(paths[1]), OPSET, logit_shift(folded))
 
 
@@ -79,12 +85,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m export.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="artifacts/model.pt", help="trained checkpoint (make train)")
-    p.add_argument("--out-dir", default="artifacts", help="where model.onnx and sampler.onnx go")
+    p.add_argument("--out-dir", default=None,
+                   help="where model.onnx and sampler.onnx go (default: the checkpoint's folder, beside it)")
     args = p.parse_args(argv)
+    if args.out_dir is None:  # the server and verify look for the graphs beside the checkpoint they came from
+        args.out_dir = str(Path(args.checkpoint).parent)
     print(f"export: checkpoint={args.checkpoint} out_dir={args.out_dir}")
-    torch.set_grad_enabled(False)
     try:
-        report = export(args.checkpoint, args.out_dir)
+        with torch.no_grad():
+            report = export(args.checkpoint, args.out_dir)
     except (CheckpointError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     for k, v in asdict(report).items():
@@ -93,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -13,13 +13,13 @@ missed, or if no provider could be checked.
 import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.files import cli, unwritable, write_text
 from export.fold import float64_reference, fold_for_export, folded_logit_error
 from export.reference import reference_generate
 from service.engine import Engine
@@ -86,22 +86,24 @@ def main(argv=None):
         p.error(f"--names-per-setting must be in [1, {MAX_NAMES:,}], got {args.names_per_setting}")
     d = Path(args.model_dir)
     out = Path(args.json) if args.json else d / "verify.json"
-    if args.json and (out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK)):
-        p.error(f"--json {out}: cannot write a file there")  # found out now, not after the whole check
+    if args.json and (problem := unwritable(out, "--json")) is not None:
+        p.error(problem)  # found out now, not after the whole check
     print(f"verify: model_dir={args.model_dir} names_per_setting={args.names_per_setting} "
           f"providers={','.join(args.providers)}")
     try:
         model, vocab, ckpt = load_checkpoint(d / "model.pt")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    if not args.json and (problem := unwritable(out, "--model-dir")) is not None:  # (it exists: the checkpoint loaded)
+        p.error(problem)
     Xva, _ = build_examples(split_words(ckpt["words"], ckpt["split_seed"])["val"], vocab, model.cfg.block_size)
     report, ok = {}, True
     for provider in args.providers:
         try:
             engine = Engine(d, provider=provider, threads=0)
         except ProviderError as e:
-            print(f"[{provider}] skipped: {str(e).removesuffix(PROVIDER_ADVICE)}")
-            report[provider] = {"skipped": str(e)}
+            report[provider] = {"skipped": str(e).removesuffix(PROVIDER_ADVICE)}  # (the server's flag)
+            print(f"[{provider}] skipped: {report[provider]['skipped']}")
             continue
         except ModelFileError as e:
             sys.exit(f"error: {e}")
@@ -121,11 +123,11 @@ def main(argv=None):
               f"of 1-16 names (temperatures {GRID['temperature']}, no top-k/top-p); max logprob diff {sm['max_logprob_diff']:.2e}")
         ok &= lg["fold_vs_torch"] <= LOGIT_TOL and lg["onnx_vs_torch"] <= LOGIT_TOL and nm["share"] == 1.0
         ok &= sm["identical"] == sm["names"]
-    if all("skipped" in r for r in report.values()):
-        ok = False
-        print("nothing was checked: no provider given could load")
+    if all("skipped" in r for r in report.values()):  # keep the last real report
+        print(f"FAIL: nothing was checked (no provider given could load); {out} left as it was")
+        return 1
     try:
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(out, json.dumps(report, indent=2) + "\n")
     except OSError as e:
         sys.exit(f"error: --json {out}: cannot write it ({e.strerror or e})")
     print(f"wrote {out}\n{'PASS' if ok else 'FAIL'}")
@@ -133,4 +135,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

@@ -210,14 +210,22 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def channel_target(text):
+    """--target HOST:PORT -> a gRPC target, checked here: grpc would dial port 443 when the port is left out,
+    wrap a port over 65535, and log lines of its own for an empty target. An IPv6 host gets its brackets
+    ([::1]:50051, as the server prints it, also taken as ::1:50051)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not (sep and host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise UsageError(f"--target {text!r}: give HOST:PORT with a port in [1, 65535], e.g. 127.0.0.1:50051")
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") and "/" not in host else f"{host}:{port}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         if args.timeout is not None and not 0 < args.timeout < math.inf:  # NaN fails too
             raise UsageError(f"--timeout {args.timeout}: give a finite number of seconds > 0")
-        if not args.target.strip():  # (grpc's C core would log lines of its own before refusing it)
-            raise UsageError("--target is empty: give HOST:PORT, e.g. 127.0.0.1:50051")
-        with grpc.insecure_channel(_utf8(args.target, "--target"), options=CHANNEL_OPTIONS) as channel:
+        with grpc.insecure_channel(channel_target(_utf8(args.target, "--target")), options=CHANNEL_OPTIONS) as channel:
             args.func(pb_grpc.NameGeneratorStub(channel), args)
     except grpc.RpcError as e:
         hint = " (raise --timeout)" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.names import DataError, sha256_of
 from service.params import GenerateParams, InvalidArgument, clip, outside_vocab, uniform_stream
 from service.session import ModelFileError, cpu_cores, make_session, read_metadata
 
@@ -113,6 +114,21 @@ def _check_pair(sampler, sampler_path, meta, logits_model, logits_path):
                              f"characters) doesn't match the graphs (context {context}, {V} logits); run `make export`")
 
 
+def _check_checkpoint(checkpoint, sampler_path, meta):
+    """ModelFileError if a checkpoint beside the graphs isn't the one they were exported from (retrained, or
+    restored with an old timestamp, so that make didn't re-export): serving and verifying would use another
+    model than the folder's checkpoint says. Without a checkpoint there (a deployed copy), nothing to check."""
+    if not checkpoint.is_file():
+        return
+    try:
+        sha = sha256_of(checkpoint)
+    except DataError as e:
+        raise ModelFileError(str(e)) from None
+    if sha != meta.get("checkpoint_sha256"):
+        raise ModelFileError(f"{sampler_path} was exported from another checkpoint than {checkpoint} (sha256 "
+                             f"{str(meta.get('checkpoint_sha256'))[:12]}, not {sha[:12]}); run `make export`")
+
+
 class Engine:
     """threads: CPU threads for one run (0 = one per core). A run of at least 2 x MIN_SHARD_ROWS rows is
     split into contiguous row shards sampled at once, each thread on its own single-threaded session (see
@@ -134,6 +150,7 @@ class Engine:
         self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="shard") if self.threads > 1 else None
         meta = read_metadata(self.sampler, sampler_path)
         _check_pair(self.sampler, sampler_path, meta, self.logits_model, logits_path)
+        _check_checkpoint(model_dir / "model.pt", sampler_path, meta)
         self.itos = meta["vocab"]
         self.block_size = int(meta["block_size"])
         self.stoi = {c: i for i, c in enumerate(self.itos)}

@@ -1,13 +1,15 @@
 """gRPC server: `python -m service.server --help`.
 
 Start-up order, and why: load the model first (a missing or corrupt file exits non-zero with one
-line, before a port is taken), bind and start with health NOT_SERVING, warm up, then SERVING. On
-SIGTERM/SIGINT (handled from the moment the port opens, warm-up included): NOT_SERVING (health Watch
-streams send it and end), stop accepting, let in-flight RPCs finish within --grace seconds, exit 0.
-A second signal cuts the drain short.
+line, before a port is taken), open the metrics port if asked (a failure there comes before the
+gRPC port is announced), bind and start with health NOT_SERVING, warm up, then SERVING. On
+SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session; handled from the moment the port opens, warm-up
+included): NOT_SERVING (health Watch streams send it and end), stop accepting, let in-flight RPCs finish
+within --grace seconds, exit 0. A second signal cuts the drain short.
 """
 import argparse
 import asyncio
+import math
 import signal
 import socket
 import sys
@@ -16,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from data.files import cli
 from service.batcher import Batcher
 from service.engine import MAX_SCORE_CHARS, Engine
 from service.health import DrainingHealthServicer
@@ -127,6 +130,13 @@ async def serve(args, engine):
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host  # IPv6
+    if args.metrics_port:
+        try:
+            mport = metrics.serve(args.metrics_port, args.host)
+        except OSError as e:
+            print(f"error: cannot serve metrics on {host}:{args.metrics_port}: {e.strerror}", file=sys.stderr)
+            return 1
+        print(f"metrics on http://{host}:{mport}/metrics", flush=True)
     why = bind_error(args.host.strip("[]"), args.port)
     try:
         port = 0 if why else server.add_insecure_port(f"{host}:{args.port}")
@@ -149,18 +159,9 @@ async def serve(args, engine):
             print(f"{signame} again: cancelling in-flight RPCs", flush=True)
             loop.create_task(server.stop(0))
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig.name)
-    print(f"listening on {args.host}:{port}", flush=True)
-    if args.metrics_port:
-        try:
-            mport = metrics.serve(args.metrics_port, args.host)
-        except OSError as e:
-            print(f"error: cannot serve metrics on {args.host}:{args.metrics_port}: {e.strerror}", file=sys.stderr)
-            await server.stop(0)
-            await batcher.close()
-            return 1
-        print(f"metrics on http://{args.host}:{mport}/metrics", flush=True)
+    print(f"listening on {host}:{port}", flush=True)  # [::1]:port for IPv6, as a client's --target takes it
 
     metrics.queue_depth.set_function(lambda: batcher.pending)
     try:
@@ -228,7 +229,8 @@ def main(argv=None):
     info = engine.info
     print(
         f"model: {args.model_dir} provider={engine.provider} params={info.num_params} vocab={len(info.vocab)} "
-        f"block_size={info.block_size} max_rows={engine.max_rows} sha256={info.checkpoint_sha256[:12]}",
+        f"block_size={info.block_size} max_rows={engine.max_rows} sha256={info.checkpoint_sha256[:12]} "
+        f"preset={info.metrics.get('preset', '?')} val_loss={info.metrics.get('val_loss', math.nan):.4f}",
         flush=True,
     )
     with asyncio.Runner(loop_factory=factory) as runner:
@@ -236,4 +238,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)  # Ctrl-C while the model loads: one line; once serving, SIGINT drains (serve)

@@ -76,7 +76,8 @@ def make_session(path, provider="auto", intra_op_threads=1):
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises several types for bad files
-        raise ModelFileError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        raise ModelFileError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]}); "
+                             "run `make export` (or pass the right --model-dir)") from None
     active = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     if provider == "cuda" and active != "cuda":
         raise ProviderError(

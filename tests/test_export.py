@@ -365,7 +365,7 @@ def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint, t
 @pytest.mark.parametrize("module, args", [
     ("verify", ["--providers", "cpu,tpu"]), ("verify", ["--providers", ""]), ("verify", ["--names-per-setting", "0"]),
     ("verify", ["--json", "/nonexistent-dir/verify.json"]), ("bench", ["--min-seconds", "nan"]),
-    ("bench", ["--providers", "cpu,cpu"]), ("bench", ["--threads", "1000"]),
+    ("bench", ["--providers", "cpu,cpu"]), ("bench", ["--threads", "1000"]), ("bench", ["--batch-sizes", "64,0"]),
 ])
 def test_verify_and_bench_bad_options_are_usage_errors(module, args, capsys):
     """Refused before any work: verify's report file too, which is written at the end of a long check."""
@@ -374,4 +374,6 @@ def test_verify_and_bench_bad_options_are_usage_errors(module, args, capsys):
     main = importlib.import_module(f"export.{module}").main
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code == 2 and args[0] in capsys.readouterr().err
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    others = {"--threads", "--min-seconds", "--rounds", "--batch-sizes", "--providers"} - {args[0]}
+    assert exc.value.code == 2 and args[0] in line and not any(f in line for f in others), line

@@ -6,12 +6,15 @@ No timing assertions: deadlines and overload are provoked with margins of orders
 import importlib.util
 import math
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.service_fixtures import (ROOT, SERVICE, ServerProcess, assert_healthy, gen, pb, pb_grpc, scrape,
@@ -187,8 +190,9 @@ def test_overload_gives_resource_exhausted(model_dir):
 # ---- process lifecycle ----
 
 
-@pytest.mark.parametrize("loop", ["auto", "asyncio"])  # auto: uvloop where installed
-def test_sigterm_drains_in_flight_stream(model_dir, loop):
+@pytest.mark.parametrize("loop, sig", [("auto", signal.SIGTERM), ("asyncio", signal.SIGTERM),  # auto: uvloop if installed
+                                       ("auto", signal.SIGHUP)])  # a closed terminal or ssh session
+def test_sigterm_drains_in_flight_stream(model_dir, loop, sig):
     """In-flight RPCs finish; health watchers see NOT_SERVING and their Watch ends, so it doesn't hold the
     exit for the whole --grace (60 s here)."""
     s = start_server(model_dir, "--grace", 60, "--event-loop", loop)
@@ -199,7 +203,7 @@ def test_sigterm_drains_in_flight_stream(model_dir, loop):
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             it = st.GenerateStream(pb.GenerateRequest(num_samples=60_000, seed=2, chunk_size=2_000), timeout=120)
             n = len(next(it).samples)  # the stream is in flight
-            s.signal()
+            s.signal(sig)
             n += sum(len(c.samples) for c in it)  # ... and still completes
             assert [r.status for r in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]  # then the Watch ends
         assert n == 60_000
@@ -233,12 +237,28 @@ def test_port_in_use_is_one_line(server, model_dir):
     assert "in use" in lines[0], lines
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncate", "missing"])
+def test_metrics_port_in_use_fails_before_listening(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        p = ServerProcess(model_dir, "--metrics-port", taken.getsockname()[1])
+        rc = p.wait(60)
+    assert rc == 1 and p.port is None, p.stdout  # never announced a gRPC port it then closed
+    assert len(p.stderr) == 1 and p.stderr[0].startswith("error: cannot serve metrics on 127.0.0.1:"), p.stderr
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "missing", "retrained"])
 def test_bad_model_file_exits_with_one_line(model_dir, tmp_path, damage):
     bad = tmp_path / "model"
     shutil.copytree(model_dir, bad)
     sampler = bad / "sampler.onnx"
-    if damage == "garbage":
+    if damage == "retrained":  # a checkpoint beside the graphs that they weren't exported from
+        if not (bad / "model.pt").is_file():
+            pytest.skip("no checkpoint beside the exported model")
+        ckpt = torch.load(bad / "model.pt", weights_only=True)
+        ckpt["metrics"]["steps"] += 1
+        torch.save(ckpt, bad / "model.pt")
+    elif damage == "garbage":
         sampler.write_bytes(b"this is not an onnx model\n" * 10)
     elif damage == "truncate":
         sampler.write_bytes(sampler.read_bytes()[:200])
@@ -248,3 +268,4 @@ def test_bad_model_file_exits_with_one_line(model_dir, tmp_path, damage):
     rc = p.wait(60)
     assert rc != 0 and p.port is None
     assert len(p.stderr) == 1 and p.stderr[0].startswith("error: ") and "sampler.onnx" in p.stderr[0], p.stderr
+    assert "make export" in p.stderr[0] and ("another checkpoint" in p.stderr[0]) == (damage == "retrained")

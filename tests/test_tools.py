@@ -35,6 +35,14 @@ def test_client_cli(server, tmp_path):
     assert r.returncode == 0 and [line.split()[0] for line in r.stdout.splitlines()] == ["zoe", "emma", "olivia"], r.stderr
 
 
+def test_client_target_forms():
+    from service.client import channel_target
+
+    assert channel_target(" 127.0.0.1:50051 ") == "127.0.0.1:50051"
+    assert channel_target("::1:50051") == channel_target("[::1]:50051") == "[::1]:50051"  # as the server prints it
+    assert channel_target("dns:///localhost:50051") == "dns:///localhost:50051"
+
+
 @pytest.mark.parametrize("args, message", [
     (("generate", "--seed", "-5"), "error: --seed -5: out of range"),  # the message's field is uint64
     (("generate", "-n", str(1 << 40)), "error: --num-samples"),
@@ -45,7 +53,9 @@ def test_client_cli(server, tmp_path):
     (("score", "emma", os.fsdecode(b"\xe9mma")), "error: name b'\\xe9mma': not valid UTF-8"),
     (("score",), "error: give names to score, or --file"),
     (("score", "--file", "/nonexistent-dir/names.txt"), "error: --file /nonexistent-dir/names.txt: cannot read"),
-    (("info", "--target", ""), "error: --target is empty"),
+    (("info", "--target", ""), "error: --target '': give HOST:PORT"),
+    (("info", "--target", "127.0.0.1"), "error: --target '127.0.0.1': give HOST:PORT"),  # not port 443
+    (("info", "--target", "127.0.0.1:99999"), "error: --target '127.0.0.1:99999': give HOST:PORT with a port in"),
 ])
 def test_client_cli_bad_options(server, args, message):
     r = run_cli("service.client", "--target", server.target, *args)
@@ -83,9 +93,12 @@ def test_loadtest_score(server, tmp_path, client):
     assert step["ok"] >= 20 and not step["errors"] and step["names_per_s"] == pytest.approx(3 * step["rps"])
 
 
-def test_loadtest_score_without_a_server():
-    r = run_cli("service.loadtest", "--target", f"127.0.0.1:{free_port()}", "--rpc", "score", "--duration", "1")
-    assert r.returncode != 0 and "error: cannot get names to score from" in r.stderr and "UNAVAILABLE" in r.stderr
+@pytest.mark.parametrize("rpc", ["generate", "score"])
+def test_loadtest_without_a_server(rpc):
+    """One line before any step (`make load` before `make serve`), not a table of failed steps."""
+    r = run_cli("service.loadtest", "--target", f"127.0.0.1:{free_port()}", "--rpc", rpc, "--duration", "1")
+    assert r.returncode == 1 and r.stderr.startswith("error: no namegen server at 127.0.0.1:"), r.stderr
+    assert "make serve" in r.stderr and "conc" not in r.stdout and "Traceback" not in r.stderr
 
 
 def test_loadtest_reports_why_requests_failed(server):

@@ -165,7 +165,8 @@ def test_train_cli_writes_artifacts_and_every_plot(tmp_path):
                                          ("--ema", "1"), ("--dropout", "1.5"), ("--decay-at", "2"),
                                          ("--n-layers", "0"), ("--optimizer", "adam"), ("--threads", "-1"),
                                          ("--seed", str(2**64)), ("--batch-size", str(2**21)),
-                                         ("--n-hidden", "100000000")])
+                                         ("--n-hidden", "100000000"), ("--block-size", "65"), ("--threads", "257"),
+                                         ("--split-seed", "-1")])
 def test_train_cli_bad_settings_are_usage_errors(flag, value, capsys):
     from trainer.train import main
 

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from data.files import replacing  # noqa: E402
 from data.names import END  # noqa: E402
 
 
@@ -68,6 +69,7 @@ def plot_bigram(counts, vocab, path):
     total = counts.sum().item()
     ax.set_title(f"bigram counts ({total:,} pairs; '.' = start/end token)", fontsize=14)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as tmp:  # an interrupted write leaves no truncated PNG
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path

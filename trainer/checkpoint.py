@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from data.files import replacing
 from trainer.dataset import Vocab, split_words
 from trainer.model import MLP, ModelConfig
 
@@ -16,24 +17,24 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(path, model, vocab, words, split_seed, train_config, metrics):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "model_config": asdict(model.cfg),
-            "vocab": vocab.chars,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "train_config": asdict(train_config),
-            "metrics": metrics,
-            "split_seed": split_seed,
-            "words": list(words),  # the whole data set: the server marks names it contains as "in training data"
-        },
-        path,
-    )
+    ckpt = {
+        "model_config": asdict(model.cfg),
+        "vocab": vocab.chars,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "train_config": asdict(train_config),
+        "metrics": metrics,
+        "split_seed": split_seed,
+        "words": list(words),  # the whole data set: the server marks names it contains as "in training data"
+    }
+    with replacing(path) as tmp:  # whole or not at all: Ctrl-C while saving keeps the previous checkpoint
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path):
     """-> (model in eval mode on CPU, vocab, checkpoint dict)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; give the checkpoint file (e.g. {path / 'model.pt'})")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; run `make train` first")
     try:
@@ -52,9 +53,12 @@ def load_checkpoint(path):
                              f"({model.cfg.vocab_size}) or the words")
         split_words(ckpt["words"], ckpt["split_seed"])  # later steps evaluate on its splits
     except Exception as e:  # torch raises many types for a damaged file; all mean the same to the user
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        detail = (str(e).strip().splitlines() or [""])[0]
+        if len(detail) > 160:
+            detail = detail[:160].rsplit(" ", 1)[0] + " ..."
         if "weights_only" in str(e) or "Weights only" in str(e):  # not torch's advice to load it unsafely
             detail = "torch.load(weights_only=True) found more than plain tensors and settings"
-        raise CheckpointError(f"{path}: not a readable namegen checkpoint ({type(e).__name__}: {detail})") from None
+        raise CheckpointError(f"{path}: not a readable namegen checkpoint ({type(e).__name__}: {detail}); "
+                              "train again (`make train`) or pass the right checkpoint") from None
     model.eval()
     return model, vocab, ckpt

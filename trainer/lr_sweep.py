@@ -4,12 +4,12 @@
 """
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from data.files import cli, unwritable
 from data.names import DataError, load_words, resolve_data_path
 from trainer.dataset import Vocab, build_examples, split_words
 from trainer.model import MLP, ModelConfig, run_problem
@@ -104,11 +104,8 @@ def parse_args(argv=None):
     out = Path(args.out)
     if out.suffix.lower() != ".png" or out.is_dir():
         p.error(f"--out must name a .png file, got {args.out}")
-    folder = out.absolute().parent  # checked before the sweep, not found out after it; created at the end
-    while not folder.exists():
-        folder = folder.parent
-    if not (folder.is_dir() and os.access(folder, os.W_OK)):
-        p.error(f"--out {args.out}: cannot write there ({folder} is not a writable folder)")
+    if (problem := unwritable(out, "--out", create=True)) is not None:  # found out now, not after the sweep
+        p.error(problem)
     return args
 
 
@@ -145,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

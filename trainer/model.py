@@ -7,6 +7,9 @@ import torch.nn.functional as F
 
 TANH_GAIN = 5 / 3  # torch.nn.init.calculate_gain("tanh")
 MAX_PARAMS = 10**9  # 4 GB of float32 weights, more again for gradients and optimiser state
+# The training examples are (words' characters, block_size) int64: ~120 MB for names.txt at 64, which is
+# longer than any name. Unbounded, --block-size 100000 would ask for hundreds of GB before a step.
+MAX_BLOCK_SIZE = 64
 MAX_BATCH = 2**20
 
 
@@ -34,6 +37,8 @@ class ModelConfig:
         for name in ("block_size", "n_embd", "n_hidden", "n_layers"):
             if getattr(self, name) < 1:
                 return f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+        if self.block_size > MAX_BLOCK_SIZE:
+            return f"--block-size must be in [1, {MAX_BLOCK_SIZE}], got {self.block_size}"
         if not 0 <= self.dropout < 1:  # NaN fails too
             return f"--dropout must be in [0, 1), got {self.dropout}"
         V, E, H = self.vocab_size, self.n_embd, self.n_hidden

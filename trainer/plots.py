@@ -18,10 +18,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from data.files import replacing  # noqa: E402
 from trainer.model import MLP  # noqa: E402
 
 SATURATION = 0.97  # |tanh| above this counts as saturated (local gradient 1 - t^2 < 0.06)
 DPI = 100
+# The files a training run writes under OUT_DIR/plots (trainer/train.py), in the order it writes them.
+PLOTS = ("bigram_counts.png", "tanh_activations.png", "activation_gradients.png", "grad_data_ratio.png",
+         "update_data_ratio.png", "init_comparison.png", "loss.png", "lr_sweep.png")
 
 
 # ---------------------------------------------------------------- helpers
@@ -66,9 +70,9 @@ def _hist_line(ax, t, label, bins=50):
 
 def _save(fig, path):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with replacing(path) as tmp:  # an interrupted write leaves no truncated PNG
+        fig.savefig(tmp, dpi=DPI)
     plt.close(fig)
     return path
 

@@ -18,6 +18,7 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from data.files import cli, write_text
 from data.names import DataError, load_words, resolve_data_path
 from trainer import bigram, plots
 from trainer.checkpoint import save_checkpoint
@@ -233,13 +234,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = 1 for batches <= 64, else torch's default)")
     p.add_argument("--no-plots", action="store_true", help="skip the diagnostic figures")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    for cls, what in ((ModelConfig, "model"), (TrainConfig, "recipe")):  # every field can be overridden
+    for i, (cls, what) in enumerate(((ModelConfig, "model"), (TrainConfig, "recipe"))):  # every field can be overridden
         for f in fields(cls):
             if f.name != "vocab_size":  # derived from the data
                 kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
                 if f.name in CHOICES:
                     kind["choices"] = CHOICES[f.name]
-                p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{what}: override {f.name}", **kind)
+                by_preset = ", ".join(f"{k} {getattr(v[i], f.name)}" for k, v in PRESETS.items())
+                p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{what} ({by_preset})", **kind)
     args = p.parse_args(argv)
 
     try:
@@ -262,8 +264,10 @@ def main(argv=None):
         tc = replace(tc, ema=ema_decay(tc))  # the recipe saved in the checkpoint is the one used
     # Small batches gain nothing from a second thread (0.6 ms/step either way on 2 idle cores) and lose a
     # lot when the cores are shared; larger batches use torch's default.
-    if args.threads < 0:
-        p.error(f"--threads must be >= 0, got {args.threads}")
+    if args.split_seed < 0:  # random.Random(-1) would shuffle as Random(1) does
+        p.error(f"--split-seed must be >= 0, got {args.split_seed}")
+    if not 0 <= args.threads <= 256:  # torch crashes on absurd counts (100,000: a segfault)
+        p.error(f"--threads must be in [0, 256], got {args.threads}")
     threads = args.threads or (1 if tc.batch_size <= 64 else torch.get_num_threads())
     torch.set_num_threads(threads)
     try:
@@ -309,6 +313,9 @@ def main(argv=None):
     if not all(map(math.isfinite, losses.values())):
         print("warning: the training diverged (a loss is NaN or infinite) and the export will refuse this "
               "checkpoint; train again with a lower --lr", file=sys.stderr)
+    elif losses["val"] > base["val"]:
+        print(f"warning: val loss {losses['val']:.4f} is worse than the bigram baseline's {base['val']:.4f}: "
+              "too few steps, or a learning rate so high that training diverged (try a lower --lr)", file=sys.stderr)
 
     if not args.no_plots:
         # The lecture's learning-rate search on this architecture (a fresh model, 1,000 SGD steps).
@@ -316,7 +323,7 @@ def main(argv=None):
         print(f"learning-rate sweep: suggested lr {metrics['suggested_lr']:.3g} (this recipe: {tc.optimizer} lr {tc.lr:g})")
 
     save_checkpoint(out / "model.pt", model, vocab, words, args.split_seed, tc, metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
 
     # 20 samples, marked as makemore does. Uniforms from a fixed seed: the same names every run.
@@ -334,6 +341,8 @@ def main(argv=None):
     if not args.no_plots:
         pdir = out / "plots"
         pdir.mkdir(parents=True, exist_ok=True)
+        for old in plots.PLOTS:  # an earlier run's: if this run stops half-way, no plot of another model is left
+            (pdir / old).unlink(missing_ok=True)
         Xtr, Ytr = xy["train"]
         ix = torch.randint(0, len(Xtr), (1024,), generator=torch.Generator().manual_seed(0))
         written = [
@@ -350,4 +359,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,0 +1,150 @@
+"""Outputs are written whole or not at all, their place is checked before the work, and a model is served
+only with the checkpoint it was exported from (data/files.py and the steps that write artifacts/)."""
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from data.files import cli, replacing, unwritable, write_text
+
+
+def test_replacing_keeps_the_old_file_until_the_write_succeeds(tmp_path):
+    path = tmp_path / "out" / "report.json"
+    write_text(path, "old\n")  # the folder is created
+    with pytest.raises(KeyboardInterrupt):
+        with replacing(path) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt  # Ctrl-C mid-write
+    assert path.read_text() == "old\n" and [p.name for p in path.parent.iterdir()] == ["report.json"]
+    with replacing(path) as tmp:
+        assert tmp.parent == path.parent and tmp.suffix == ".json" and tmp.name.startswith(".")
+        tmp.write_text("new\n")
+    assert path.read_text() == "new\n" and [p.name for p in path.parent.iterdir()] == ["report.json"]
+
+
+def test_unwritable_names_the_flag_and_the_reason(tmp_path):
+    assert unwritable(tmp_path / "a.json", "--json") is None
+    assert unwritable(tmp_path, "--json") == f"--json {tmp_path}: is a directory; give a file path"
+    assert "not a writable folder" in unwritable(tmp_path / "missing" / "a.json", "--json")
+    assert unwritable(tmp_path / "missing" / "a.png", "--out", create=True) is None  # created on writing
+    (tmp_path / "file").write_text("")
+    assert "not a writable folder" in unwritable(tmp_path / "file" / "a.png", "--out", create=True)
+
+
+def test_cli_exit_status_and_interrupt(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        cli(interrupted)
+    assert exc.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"  # no traceback
+    for returned, code in ((None, 0), (3, 3), ({"val_loss": 2.1}, 0)):  # trainer.train's main returns its metrics
+        with pytest.raises(SystemExit) as exc:
+            cli(lambda r=returned: r)
+        assert exc.value.code == code
+
+
+def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_checkpoint, tiny_model_dir, tmp_path, monkeypatch):
+    from trainer.checkpoint import save_checkpoint
+    from trainer.train import TrainConfig
+
+    path = tmp_path / "model.pt"
+    shutil.copy(tiny_model_dir / "model.pt", path)
+    before = path.read_bytes()
+
+    def cut_short(obj, f):
+        Path(f).write_bytes(before[:668])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    model, vocab, ckpt = tiny_checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, vocab, ckpt["words"], ckpt["split_seed"], TrainConfig(), ckpt["metrics"])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_graphs_are_served_only_with_their_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """Export writes beside its checkpoint by default; a retrained checkpoint, or an export interrupted
+    between its two graphs, leaves files the engine refuses (one line naming `make export`) rather than
+    serving another model than the folder's checkpoint."""
+    from export.export import main as export_main
+    from service.engine import Engine
+    from service.session import ModelFileError
+
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(tiny_model_dir / "model.pt", d / "model.pt")
+    export_main(["--checkpoint", str(d / "model.pt")])  # no --out-dir: beside it, not over artifacts/
+    assert sorted(p.name for p in d.iterdir()) == ["model.onnx", "model.pt", "sampler.onnx"]
+    Engine(d, provider="cpu", threads=1)
+
+    ckpt = torch.load(d / "model.pt", weights_only=True)
+    ckpt["metrics"]["steps"] += 1  # retrained (or restored with an old date, so make didn't re-export)
+    torch.save(ckpt, d / "model.pt")
+    with pytest.raises(ModelFileError, match="exported from another checkpoint than .*model.pt.*run `make export`"):
+        Engine(d, provider="cpu", threads=1)
+
+    old_sampler = (d / "sampler.onnx").read_bytes()
+    save = onnx.save
+
+    def interrupted_at_the_sampler(graph, f, *args, **kw):
+        save(graph, f, *args, **kw)
+        if Path(f).name.startswith(".sampler."):
+            raise KeyboardInterrupt  # Ctrl-C while sampler.onnx is written
+
+    monkeypatch.setattr(onnx, "save", interrupted_at_the_sampler)
+    with pytest.raises(KeyboardInterrupt):
+        export_main(["--checkpoint", str(d / "model.pt")])
+    assert (d / "sampler.onnx").read_bytes() == old_sampler  # not half of a new one
+    assert sorted(p.name for p in d.iterdir()) == ["model.onnx", "model.pt", "sampler.onnx"]
+    with pytest.raises(ModelFileError, match="different checkpoints"):  # model.onnx is the new one
+        Engine(d, provider="cpu", threads=1)
+
+    monkeypatch.setattr(onnx, "save", save)
+    export_main(["--checkpoint", str(d / "model.pt")])
+    Engine(d, provider="cpu", threads=1)
+
+
+def test_train_interrupted_while_plotting_leaves_no_stale_plots(tmp_path, monkeypatch, capsys):
+    from trainer import plots
+    from trainer.train import main
+
+    pdir = tmp_path / "plots"
+    pdir.mkdir()
+    for name in plots.PLOTS:
+        (pdir / name).write_bytes(b"an earlier run's plot")
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_init_comparison", interrupted)  # the sixth plot
+    with pytest.raises(KeyboardInterrupt):
+        main(["--preset", "tiny", "--steps", "30", "--eval-every", "30", "--out-dir", str(tmp_path), "--no-progress",
+              "--threads", "1"])
+    # 30 steps are too few to beat the bigram baseline: the run says so.
+    assert "is worse than the bigram baseline's" in capsys.readouterr().err
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 30  # saved before the plots
+    assert sorted(p.name for p in pdir.iterdir()) == sorted(plots.PLOTS[:5])  # the new ones; no old, no partial
+    assert all((pdir / name).read_bytes()[:4] == b"\x89PNG" for name in plots.PLOTS[:5])
+
+
+def test_verify_keeps_its_report_when_nothing_could_be_checked(tiny_model_dir, tmp_path, capsys):
+    from export.verify import main
+    from service.engine import Engine
+    from service.session import ProviderError
+
+    try:
+        Engine(tiny_model_dir, provider="cuda")
+        pytest.skip("CUDA loads here: verify would check it")
+    except ProviderError:
+        pass
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "verify.json").write_text('{"cpu": "the last real report"}\n')
+    assert main(["--model-dir", str(d), "--providers", "cuda"]) == 1
+    out = capsys.readouterr().out
+    assert (d / "verify.json").read_text() == '{"cpu": "the last real report"}\n'
+    assert "FAIL: nothing was checked" in out and "--provider cpu" not in out  # the server's flag, not verify's

@@ -102,7 +102,7 @@ def main(argv=None):
         try:
             engine = Engine(d, provider=provider, threads=0)
         except ProviderError as e:
-            report[provider] = {"skipped": str(e).removesuffix(PROVIDER_ADVICE)}  # (the server's flag)
+            report[provider] = {"skipped": str(e).removesuffix(PROVIDER_ADVICE)}  # (advice naming the server's --provider)
             print(f"[{provider}] skipped: {report[provider]['skipped']}")
             continue
         except ModelFileError as e:

@@ -126,7 +126,7 @@ def _check_checkpoint(checkpoint, sampler_path, meta):
         raise ModelFileError(str(e)) from None
     if sha != meta.get("checkpoint_sha256"):
         raise ModelFileError(f"{sampler_path} was exported from another checkpoint than {checkpoint} (sha256 "
-                             f"{str(meta.get('checkpoint_sha256'))[:12]}, not {sha[:12]}); run `make export`")
+                             f"{str(meta.get('checkpoint_sha256'))[:12]}..., that file's is {sha[:12]}...); run `make export`")
 
 
 class Engine:

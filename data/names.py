@@ -91,8 +91,9 @@ def resolve_data_path(path=None):
 
 def read_lines(raw, source):
     """A word list's bytes -> [(line number, word)]: one word per line (makemore's contract), blank lines
-    skipped, surrounding whitespace stripped, a leading byte-order mark dropped. source names the file in
-    the error for bytes that aren't UTF-8."""
+    skipped, surrounding whitespace stripped, a leading byte-order mark dropped, each word in Unicode NFC
+    (so "é" is one character, as keyboards type it, whether the file spells it composed or as "e" and a
+    combining accent). source names the file in the error for bytes that aren't UTF-8."""
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         text = raw[bom:].decode("utf-8")
@@ -100,7 +101,7 @@ def read_lines(raw, source):
         at = bom + e.start  # offset in the file
         line = raw[:at].count(b"\n") + 1
         raise DataError(f"{source}: not valid UTF-8 (byte {at}, line {line}); re-encode the file as UTF-8") from None
-    numbered = [(i, w.strip()) for i, w in enumerate(text.splitlines(), 1)]
+    numbered = [(i, unicodedata.normalize("NFC", w.strip())) for i, w in enumerate(text.splitlines(), 1)]
     return [(i, w) for i, w in numbered if w]
 
 

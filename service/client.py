@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import grpc
@@ -45,6 +46,11 @@ def _utf8(value, flag):
     return value
 
 
+def _text(value, flag):
+    """A prefix or a name to send: valid UTF-8, in Unicode NFC as the training words are (data.names)."""
+    return unicodedata.normalize("NFC", _utf8(value, flag))
+
+
 def request_of(args):
     """GenerateRequest with only the options given on the command line set (the rest: server defaults).
     The server validates the values; here only what the message's field types can't hold is refused."""
@@ -52,7 +58,7 @@ def request_of(args):
     for field in ("num_samples", "temperature", "top_k", "top_p", "seed", "prefix", "max_length", "chunk_size"):
         value = getattr(args, field, None)
         if isinstance(value, str):
-            value = _utf8(value, f"--{field.replace('_', '-')}")
+            value = _text(value, f"--{field.replace('_', '-')}")
         if value is not None:
             try:
                 setattr(req, field, value)
@@ -138,7 +144,7 @@ def _names_in(path):
 
 
 def cmd_score(stub, args):
-    names = [_utf8(w, "name") for w in args.names] + (_names_in(args.file) if args.file is not None else [])
+    names = [_text(w, "name") for w in args.names] + (_names_in(args.file) if args.file is not None else [])
     if not names:
         raise UsageError("give names to score, or --file")
     resp = stub.Score(pb.ScoreRequest(names=names), timeout=_timeout(args))

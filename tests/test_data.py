@@ -56,6 +56,12 @@ def test_other_word_list_and_blank_lines(tmp_path):
     assert load_words(f) == ["zoë", "ana"]
 
 
+def test_words_are_nfc(tmp_path):
+    f = tmp_path / "accents.txt"
+    f.write_text("e\u0301mile\n\u00e9lise\n")  # "émile" spelt as e + combining accent, "élise" composed
+    assert load_words(f) == ["\u00e9mile", "\u00e9lise"]  # one "é" character each: one vocabulary entry
+
+
 def test_missing_data_path(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         resolve_data_path("/nonexistent/words.txt")

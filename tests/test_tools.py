@@ -35,6 +35,13 @@ def test_client_cli(server, tmp_path):
     assert r.returncode == 0 and [line.split()[0] for line in r.stdout.splitlines()] == ["zoe", "emma", "olivia"], r.stderr
 
 
+def test_client_sends_nfc_text():
+    from service.client import parse_args, request_of
+
+    req = request_of(parse_args(["generate", "--prefix", "e\u0301"]))
+    assert req.prefix == "\u00e9"  # as the training words are read (data.names.read_lines)
+
+
 def test_client_target_forms():
     from service.client import channel_target
 

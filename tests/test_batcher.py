@@ -261,3 +261,47 @@ def test_queue_time_is_observed_once_per_request_on_either_path(engine):
 
     asyncio.run(main())
     assert len(paths) == 20 and {"direct", "queue"} <= set(paths)  # a path per chunk, and both were taken
+
+
+def test_jobs_past_their_deadline_or_done_get_no_rows(engine):
+    """Both policies fail a job whose deadline passed while it waited (DeadlineExceeded, also when gRPC hasn't
+    cancelled it yet), give a job whose request has ended what it has, and run neither."""
+    from service.engine import GenerationError
+    from service.scheduling import DeadlineExceeded, Job, select, select_express
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def job(seed, deadline=None):
+            return Job(engine.request(GenerateParams(num_samples=5, seed=seed), 100), 5, loop.create_future(), deadline)
+
+        for choose in (lambda jobs: select(jobs, 256, now=10.0), lambda jobs: select_express(jobs, now=10.0)):
+            late, due, ended = job(1, deadline=9.0), job(2, deadline=11.0), job(3)
+            ended.request.error = GenerationError("its own run failed")
+            parts, rows, rest = choose([late, due, ended])
+            assert parts == [(due, 5)] and rows == 5 and not rest
+            with pytest.raises(DeadlineExceeded):
+                late.future.result()
+            assert ended.future.result() == []
+
+    asyncio.run(main())
+
+
+def test_metrics_by_method_and_code():
+    from service.metrics import Metrics
+
+    m = Metrics()
+    for code in ("OK", "OK", "INVALID_ARGUMENT"):
+        m.observe_rpc("Generate", code, 0.003)
+    m.observe_rpc("Score", "OK", 0.001)
+    m.observe_batch(100, 3, 0.01)
+    get = m.registry.get_sample_value
+    assert get("namegen_requests_total", {"method": "Generate", "code": "OK"}) == 2
+    assert get("namegen_requests_total", {"method": "Generate", "code": "INVALID_ARGUMENT"}) == 1
+    assert get("namegen_requests_total", {"method": "Score", "code": "OK"}) == 1
+    assert get("namegen_errors_total", {"method": "Generate", "code": "INVALID_ARGUMENT"}) == 1
+    assert get("namegen_errors_total", {"method": "Generate", "code": "OK"}) is None  # OK is no error
+    assert get("namegen_request_latency_seconds_count", {"method": "Generate"}) == 3
+    assert get("namegen_batch_rows_sum") == 100 and get("namegen_batch_requests_sum") == 3
+    assert get("namegen_model_run_seconds_count") == 1
+    assert get("namegen_process_peak_rss_bytes") >= get("process_resident_memory_bytes") > 0  # both in bytes

@@ -103,3 +103,53 @@ def test_train_cli_bad_data_one_line_error(tmp_path, content):
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def local_copies(tmp_path, monkeypatch):
+    """(data.names with its shared and cached copies of names.txt in tmp_path, neither there yet, and no
+    $NAMES_TXT; the real names.txt's bytes)."""
+    import data.names as dn
+
+    good = default_names_path(download=False).read_bytes()
+    monkeypatch.delenv("NAMES_TXT", raising=False)
+    monkeypatch.setattr(dn, "SHARED_PATH", tmp_path / "shared" / "names.txt")
+    monkeypatch.setattr(dn, "CACHE_PATH", tmp_path / "cache" / "names.txt")
+    dn.SHARED_PATH.parent.mkdir()
+    dn.CACHE_PATH.parent.mkdir()
+    return dn, good
+
+
+def test_local_copies_are_verified_in_order(local_copies):
+    dn, good = local_copies
+    with pytest.raises(DataError, match="names.txt not found"):
+        dn.default_names_path(download=False)
+    dn.CACHE_PATH.write_text("emma\nolivia\n")  # a damaged cached copy is refused, not trained on
+    with pytest.raises(DataError, match="sha256 .* remove a damaged download"):
+        dn.default_names_path(download=False)
+    dn.SHARED_PATH.write_bytes(good)  # ../shared/data/names.txt comes before the cache
+    assert dn.default_names_path(download=False) == dn.SHARED_PATH
+
+
+def test_download_is_verified_and_failures_are_one_line_errors(local_copies, monkeypatch):
+    import io
+    import urllib.error
+
+    dn, good = local_copies
+
+    def serve(body):
+        monkeypatch.setattr(dn.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(body))
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    serve(b"emma\nolivia\n")  # a changed or truncated upstream file
+    with pytest.raises(DataError, match="sha256"):
+        dn.default_names_path()
+    assert list(dn.CACHE_PATH.parent.iterdir()) == []  # nothing left behind to be found next time
+    monkeypatch.setattr(dn.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="could not download names.txt .*set NAMES_TXT"):
+        dn.default_names_path()
+    serve(good)
+    assert dn.default_names_path() == dn.CACHE_PATH and sha256_of(dn.CACHE_PATH) == NAMES_SHA256
+    assert [p.name for p in dn.CACHE_PATH.parent.iterdir()] == ["names.txt"]

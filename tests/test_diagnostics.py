@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer import plots
-from trainer.bigram import bigram_counts, bigram_nll, plot_bigram
+from trainer.bigram import bigram_counts, bigram_nll, bigram_probs, plot_bigram
 from trainer.dataset import build_examples
 from trainer.lr_sweep import lr_sweep
 from trainer.lr_sweep import main as lr_sweep_main
@@ -180,3 +180,15 @@ def test_cli_bad_options_are_usage_errors(args, capsys):
     with pytest.raises(SystemExit) as exc:
         lr_sweep_main(args)  # refused before the data is read or the sweep runs
     assert exc.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+def test_bigram_by_hand():
+    from trainer.dataset import Vocab
+
+    vocab = Vocab.from_words(["ab", "b"])  # ".ab"
+    N = bigram_counts(["ab", "b"], vocab)
+    assert N.tolist() == [[0, 1, 1], [0, 0, 1], [2, 0, 0]]  # N[prev, next]: .a ab b. | .b b.
+    P = bigram_probs(N)  # add-one smoothing, each row a distribution over the next character
+    assert P[0].tolist() == pytest.approx([1 / 5, 2 / 5, 2 / 5]) and P.sum(1).tolist() == pytest.approx([1, 1, 1])
+    # "ab" unsmoothed: P(a | .) = 1/2, P(b | a) = 1, P(. | b) = 1, over 3 characters (the end token included)
+    assert bigram_nll(N, ["ab"], vocab, smoothing=0.0) == pytest.approx(math.log(2) / 3)

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from service.engine import ONLY_NEW_PROBE, Engine, GenerationError
-from service.params import MAX_LENGTH_LIMIT, GenerateParams, InvalidArgument
+from service.params import FLOAT32_TINY, MAX_LENGTH_LIMIT, MAX_TEMPERATURE, GenerateParams, InvalidArgument
 from service.session import ModelFileError, ProviderError
 
 P = GenerateParams
@@ -137,6 +137,10 @@ def test_only_new_hopeless_request_stops_early(cpu_engine):
         (dict(temperature=1e-46), "temperature"),
         (dict(temperature=1e39), "temperature"),  # inf in float32
         (dict(temperature=100.5), "temperature"),  # over MAX_TEMPERATURE
+        (dict(temperature=1e-40), "temperature"),  # a float32 denormal
+        (dict(top_p=1e-40), "top_p"),
+        (dict(temperature=True), "temperature"),
+        (dict(only_new="yes"), "only_new"),
         (dict(prefix="Ab"), "prefix"),
         (dict(prefix="a.b"), "prefix"),
         (dict(prefix="abcdef", max_length=5), "prefix"),
@@ -150,6 +154,26 @@ def test_invalid_arguments_name_the_field(cpu_engine, kwargs, field):
     with pytest.raises(InvalidArgument) as e:
         cpu_engine.request(P(**kwargs), max_samples=1_000_000)
     assert e.value.field == field and str(e.value).startswith(field + ":")
+    with pytest.raises(InvalidArgument, match="num_samples"):  # the server's --max-samples
+        cpu_engine.request(P(num_samples=6), max_samples=5)
+
+
+def test_boundary_values_are_accepted(cpu_engine):
+    """The ends of each documented range are valid requests (the invalid ones above lie just outside them)."""
+    V = len(cpu_engine.itos)
+    for kwargs in (dict(top_k=V), dict(top_p=1.0), dict(temperature=MAX_TEMPERATURE), dict(temperature=FLOAT32_TINY),
+                   dict(seed=0), dict(seed=2**64 - 1), dict(num_samples=5), dict(max_length=MAX_LENGTH_LIMIT),
+                   dict(prefix="emma", max_length=4)):
+        assert cpu_engine.request(P(**kwargs), max_samples=5).params.seed is not None, kwargs
+
+
+def test_invalid_argument_messages_stay_short(cpu_engine):
+    """Echoed input is clipped: a message over gRPC's 16 KiB status metadata would reach the client as
+    RESOURCE_EXHAUSTED instead of the error."""
+    many = "".join(map(chr, range(0x100, 0x4100)))  # 16,384 distinct characters outside the vocabulary
+    with pytest.raises(InvalidArgument) as e:
+        cpu_engine.request(P(prefix=many, max_length=MAX_LENGTH_LIMIT), max_samples=5)
+    assert e.value.field == "prefix" and len(str(e.value).encode()) < 1000
 
 
 def test_invalid_score_names(cpu_engine):

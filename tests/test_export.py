@@ -35,6 +35,20 @@ def test_fold_deep_model_with_nontrivial_statistics():
     m.eval()
     assert max_logit_diff(m, fold_batchnorm(m), X) <= 1e-5
     assert not m.training  # folding doesn't change the model's mode
+    m.train()
+    folded = fold_batchnorm(m)  # running statistics, whatever the mode
+    assert m.training and max_logit_diff(m.eval(), folded, X) <= 1e-5
+
+
+def test_max_logit_diff_covers_every_batch():
+    torch.manual_seed(0)
+    a = MLP(ModelConfig(n_hidden=8)).eval()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.wte.weight[5] += 1.0  # only contexts with token 5 differ
+    X = torch.tensor([[0, 0, 5]] + [[0, 0, 1]] * 9)
+    assert max_logit_diff(a, b, X, batch=3) == pytest.approx(max_logit_diff(a, b, X[:1]), rel=1e-5)
+    assert max_logit_diff(a, b, X[:1]) > 0.01 and max_logit_diff(a, b, X[1:]) == 0
 
 
 def test_export_refuses_a_diverged_checkpoint_and_an_unwritable_folder(tiny_model_dir, tmp_path):
@@ -55,6 +69,21 @@ def test_export_refuses_a_diverged_checkpoint_and_an_unwritable_folder(tiny_mode
     (tmp_path / "file").write_text("")
     with pytest.raises(RuntimeError, match="cannot write model.onnx"):
         export(tiny_model_dir / "model.pt", tmp_path / "file" / "sub")
+
+
+def test_export_report_and_fold_check(tiny_model_dir, tiny_checkpoint, splits, tmp_path, monkeypatch):
+    """The fold check runs on the whole val split, in float32 as inference runs it, and a fold off by more
+    than the tolerance is refused with a one-line error and nothing written."""
+    import export.export as ex
+
+    model, vocab, _ = tiny_checkpoint
+    report = ex.main(["--checkpoint", str(tiny_model_dir / "model.pt"), "--out-dir", str(tmp_path / "ok")])
+    assert report.val_examples == len(build_examples(splits["val"], vocab, model.cfg.block_size)[0])
+    assert 1e-9 < report.fold_max_abs_logit_diff <= ex.FOLD_TOLERANCE  # float32 rounding, not float64's
+    monkeypatch.setattr(ex, "folded_logit_error", lambda *args: 2 * ex.FOLD_TOLERANCE)
+    with pytest.raises(SystemExit, match="^error: folding changed the logits by 2.00e-05 > 1e-05; refusing to export$"):
+        ex.main(["--checkpoint", str(tiny_model_dir / "model.pt"), "--out-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_onnx_artifacts_and_metadata(tiny_model_dir, tiny_checkpoint):
@@ -360,6 +389,34 @@ def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint, t
             assert rechecked.all()
         else:  # only a uniform near a CDF boundary (~1 in 25 rows) has these checked in float64
             assert rechecked.mean() < 0.2
+
+
+@pytest.mark.parametrize("mismatch", [False, True])
+def test_verify_passes_exact_parity_and_fails_a_mismatch(tiny_model_dir, tmp_path, monkeypatch, capsys, mismatch):
+    """verify's verdict, on a smaller grid: PASS and exit 0 for the exported model; one name per top-p setting
+    that differs from the torch reference (the small requests all match) must make it FAIL with exit 1."""
+    import functools
+
+    import export.verify as verify
+
+    monkeypatch.setattr(verify, "GRID", {**verify.GRID, "top_k": [0]})  # 18 settings, 9 of them with top_p 0.9
+    monkeypatch.setattr(verify, "names_parity", functools.partial(verify.names_parity, small_requests=30))
+    torch_reference = verify.reference_generate
+
+    def reference(model, vocab, params, words):
+        out = torch_reference(model, vocab, params, words)
+        if mismatch and params.top_p < 1:  # a grid setting: the small requests don't filter
+            out[-1] = (out[-1][0] + "q", out[-1][1])
+        return out
+
+    monkeypatch.setattr(verify, "reference_generate", reference)
+    rc = verify.main(["--model-dir", str(tiny_model_dir), "--names-per-setting", "3", "--providers", "cpu",
+                      "--json", str(tmp_path / "verify.json")])
+    names = json.loads((tmp_path / "verify.json").read_text())["cpu"]["names"]
+    small = names["small_requests"]
+    assert small["requests"] == 30 and small["identical"] == small["names"]
+    assert names["names"] == 18 * 3 and names["identical"] == names["names"] - 9 * mismatch
+    assert rc == (1 if mismatch else 0) and capsys.readouterr().out.endswith("FAIL\n" if mismatch else "PASS\n")
 
 
 @pytest.mark.parametrize("module, args", [

@@ -54,3 +54,16 @@ def test_temperature():
     assert p(0.01)[4] > 0.999  # cold -> argmax
     assert 0.24 < p(100.0)[0] < 0.25 and p(100.0)[1] == 0  # hot -> near uniform over the possible tokens
     assert math.isclose(p(0.5)[4].item(), 0.16 / 0.30, rel_tol=1e-5)  # p ** 2 renormalised
+
+
+def test_top_p_stops_where_the_mass_reaches_top_p():
+    """The nucleus is the fewest most likely tokens whose mass reaches top_p: a mass of exactly top_p is enough."""
+    w = torch.tensor([[0.5, 0.5, 1.0]], dtype=torch.float64)  # probabilities 1/4, 1/4, 1/2, exact in binary
+    d = torch.log(w)
+
+    def kept(top_p):
+        top_p = torch.tensor([top_p], dtype=torch.float64)
+        return torch.nonzero(filter_weights(d, w, torch.tensor([0]), top_p)[0]).flatten().tolist()
+
+    assert kept(0.5) == [2]
+    assert kept(0.5 + 1e-9) == [0, 1, 2]  # past 1/2: the next token, and its tie with it

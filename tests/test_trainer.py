@@ -76,6 +76,9 @@ def test_kaiming_init_statistics(n_layers):
     # The scaled-down output layer starts near the uniform distribution: loss ~ log(27).
     m = MLP(cfg)
     assert abs(m.loss(X, torch.randint(0, 27, (4096,))).item() - math.log(27)) < 0.1
+    assert not m.lm_head.bias.any()
+    with pytest.raises(ValueError, match="init must be"):
+        MLP(cfg, init="xavier")
 
 
 def test_short_training_beats_bigram(tiny_model_dir):
@@ -136,6 +139,10 @@ def test_corrupt_checkpoint(tmp_path, tiny_model_dir):
     ckpt = torch.load(good, weights_only=True)
     for change, match in ((lambda c: c.pop("words"), "missing words"),
                           (lambda c: c.update(vocab=c["vocab"][:-1]), "vocabulary"),
+                          (lambda c: c.update(vocab=c["vocab"] + "!"), "vocabulary"),  # 28 tokens, 27 logits
+                          (lambda c: c.update(words=c["words"] + ["zoë"]), "vocabulary"),  # a word it can't encode
+                          (lambda c: c.update(state_dict={k: v for k, v in c["state_dict"].items()
+                                                          if k != "lm_head.bias"}), "state_dict.*lm_head.bias"),
                           (lambda c: c.update(words=["ann", "bo"]), "too few")):
         damaged = dict(ckpt)
         change(damaged)
@@ -152,10 +159,20 @@ def test_train_cli_writes_artifacts_and_every_plot(tmp_path):
     from trainer.train import main
 
     metrics = main(["--preset", "tiny", "--steps", "400", "--eval-every", "200", "--record-every", "20",
-                    "--out-dir", str(tmp_path), "--no-progress", "--threads", "1"])
+                    "--out-dir", str(tmp_path), "--no-progress", "--threads", "1", "--split-seed", "7"])
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("train_loss", "val_loss", "test_loss", "bigram_val_loss", "steps", "train_seconds", "suggested_lr"):
         assert key in saved and saved[key] == metrics[key]
+    assert metrics["steps"] == 400 and [s for s, _ in metrics["val_curve"]] == [200, 400]  # flags override the preset
+    # The checkpoint records the split it was trained and evaluated on, which export and verify rebuild.
+    from trainer.checkpoint import load_checkpoint
+    from trainer.train import evaluate
+
+    model, vocab, ckpt = load_checkpoint(tmp_path / "model.pt")
+    assert ckpt["split_seed"] == 7 and ckpt["train_config"]["steps"] == 400
+    val = split_words(ckpt["words"], 7)["val"]
+    X, Y = build_examples(val, vocab, model.cfg.block_size)
+    assert evaluate(model, X, Y) == pytest.approx(metrics["val_loss"], abs=1e-6)
     for name in PLOTS:
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
@@ -166,12 +183,16 @@ def test_train_cli_writes_artifacts_and_every_plot(tmp_path):
                                          ("--n-layers", "0"), ("--optimizer", "adam"), ("--threads", "-1"),
                                          ("--seed", str(2**64)), ("--batch-size", str(2**21)),
                                          ("--n-hidden", "100000000"), ("--block-size", "65"), ("--threads", "257"),
-                                         ("--split-seed", "-1")])
-def test_train_cli_bad_settings_are_usage_errors(flag, value, capsys):
+                                         ("--split-seed", "-1"), ("--dropout", "1"), ("--lr", "0"),
+                                         ("--lr-final", "-0.01"), ("--weight-decay", "-0.1"), ("--warmup", "-1"),
+                                         ("--eval-every", "0"), ("--record-every", "0")])
+def test_train_cli_bad_settings_are_usage_errors(flag, value, capsys, tmp_path):
     from trainer.train import main
 
+    # Rejected before any training. (A setting let through would train one step into tmp_path, not the
+    # baseline's 200,000 steps into artifacts/.)
     with pytest.raises(SystemExit) as exc:
-        main([flag, value, "--no-plots"])  # rejected before any training
+        main(["--steps", "1", "--out-dir", str(tmp_path), "--no-progress", flag, value, "--no-plots"])
     assert exc.value.code == 2 and flag in capsys.readouterr().err
 
 
@@ -226,3 +247,109 @@ def test_ema_matches_torch_averaged_model():
             assert torch.equal(v, theirs[k]), k
     ours.apply()
     assert torch.equal(m.lm_head.weight, theirs["lm_head.weight"]) and m.batchnorms()[0].num_batches_tracked == 5
+
+
+def test_model_shape_and_parameter_counts():
+    """The lecture's model has 12,097 parameters (no hidden bias: BatchNorm's shift replaces it); the better
+    preset's 258,555, with dropout after each tanh."""
+    from trainer.train import PRESETS
+
+    assert MLP(ModelConfig()).num_params() == 12097
+    assert [type(m).__name__ for m in MLP(ModelConfig()).hidden] == ["Linear", "BatchNorm1d", "Tanh"]
+    better = MLP(PRESETS["better"][0])
+    assert better.num_params() == 258555
+    assert [type(m).__name__ for m in better.hidden] == ["Linear", "BatchNorm1d", "Tanh", "Dropout"] * 2
+    assert all(m.p == 0.2 for m in better.hidden if isinstance(m, torch.nn.Dropout))
+
+
+def test_evaluate_is_the_mean_nll_in_eval_mode_and_keeps_the_mode():
+    from trainer.train import evaluate
+
+    torch.manual_seed(0)
+    m = MLP(ModelConfig(n_hidden=16))
+    X, Y = torch.randint(0, 27, (1000, 3)), torch.randint(0, 27, (1000,))
+    m.train()
+    m(X)  # running statistics unlike the batch's own
+    m.eval()
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(m(X), Y).item()
+    m.train()
+    assert evaluate(m, X, Y) == pytest.approx(want, rel=1e-6)
+    assert evaluate(m, X, Y, batch=64) == pytest.approx(want, rel=1e-6)  # 15 batches of 64 and one of 40
+    assert m.training  # evaluating between training steps doesn't leave the model in eval mode
+    m.eval()
+    evaluate(m, X, Y)
+    assert not m.training
+
+
+def test_lr_schedules():
+    from trainer.train import PRESETS, TrainConfig
+
+    base = PRESETS["baseline"][1]  # 0.1, then 0.01 from step 150,000 of 200,000
+    assert [base.lr_at(s) for s in (0, 149_999, 150_000, 199_999)] == [0.1, 0.1, 0.01, 0.01]
+    cos = PRESETS["better"][1]  # linear warm-up over 500 steps, then cosine 3e-3 -> 3e-5 over the rest
+    assert cos.lr_at(0) == pytest.approx(3e-3 / 500) and cos.lr_at(499) == pytest.approx(3e-3)
+    assert cos.lr_at(500) == pytest.approx(3e-3)
+    assert cos.lr_at(500 + (55_000 - 500) // 2) == pytest.approx((3e-3 + 3e-5) / 2)
+    assert cos.lr_at(54_999) == pytest.approx(3e-5, rel=1e-3)
+    lrs = [cos.lr_at(s) for s in range(500, 55_000, 500)]
+    assert lrs == sorted(lrs, reverse=True)
+    assert TrainConfig(steps=10, schedule="cosine", lr=1.0, lr_final=0.0).lr_at(0) == 1.0  # no warm-up
+
+
+def test_ema_horizon_is_at_most_a_tenth_of_the_run():
+    from trainer.train import TrainConfig, ema_decay
+
+    assert ema_decay(TrainConfig(steps=200_000, ema=0.9999)) == 0.9999
+    assert ema_decay(TrainConfig(steps=1000, ema=0.9999)) == pytest.approx(0.99)
+    assert ema_decay(TrainConfig(steps=5, ema=0.9999)) == 0.0  # under 10 steps: no average, not a negative decay
+    assert ema_decay(TrainConfig(steps=1000, ema=0.0)) == 0.0
+
+
+def test_train_saves_the_average_and_calibrates_batchnorm(vocab, splits, monkeypatch):
+    """train() ends with the EMA's weights and BatchNorm statistics in the model, and its val curve is that of
+    the average (the model that is saved), ending at the last step; calibration then sets exact statistics."""
+    import trainer.train as tt
+
+    made = []
+
+    class RecordingEMA(tt.EMA):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(tt, "EMA", RecordingEMA)
+    xy = {k: build_examples(splits[k][:2000], vocab, 3) for k in ("train", "val")}
+    torch.manual_seed(0)
+    model = MLP(ModelConfig(n_hidden=32))
+    hist = tt.train(model, xy, tt.TrainConfig(steps=100, ema=0.9, calibrate_bn=False, eval_every=60, record_every=50),
+                    progress=False)
+    (avg,) = made
+    assert avg.updates == 100
+    theirs = avg.module.state_dict()
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(v, theirs[k]), k
+    assert [s for s, _ in hist["val"]] == [60, 100]
+    assert hist["val"][-1][1] == pytest.approx(tt.evaluate(model, *xy["val"]), abs=1e-6)
+
+    torch.manual_seed(0)
+    model = MLP(ModelConfig(n_hidden=32))
+    tt.train(model, xy, tt.TrainConfig(steps=100, eval_every=100), progress=False)  # calibrate_bn: the default
+    assert not model.training
+    bn = model.batchnorms()[0]
+    with torch.no_grad():
+        h = model.hidden[0](model.wte(xy["train"][0]).flatten(1))
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, h.var(0), rtol=1e-4)
+
+
+def test_adamw_decays_only_the_matrices():
+    from trainer.train import TrainConfig, make_optimizer
+
+    m = MLP(ModelConfig(n_hidden=16, n_layers=2))
+    opt = make_optimizer(m, TrainConfig(optimizer="adamw", weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {n for n, p in m.named_parameters() if id(p) in decayed} == {
+        "wte.weight", "hidden.0.weight", "hidden.3.weight", "lm_head.weight"}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))

@@ -53,9 +53,10 @@ def load_checkpoint(path):
                              f"({model.cfg.vocab_size}) or the words")
         split_words(ckpt["words"], ckpt["split_seed"])  # later steps evaluate on its splits
     except Exception as e:  # torch raises many types for a damaged file; all mean the same to the user
-        detail = (str(e).strip().splitlines() or [""])[0]
-        if len(detail) > 160:
-            detail = detail[:160].rsplit(" ", 1)[0] + " ..."
+        # Every line: load_state_dict names the missing or mis-shaped weights on the lines after its first.
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines())
+        if len(detail) > 200:
+            detail = detail[:200].rsplit(" ", 1)[0] + " ..."
         if "weights_only" in str(e) or "Weights only" in str(e):  # not torch's advice to load it unsafely
             detail = "torch.load(weights_only=True) found more than plain tensors and settings"
         raise CheckpointError(f"{path}: not a readable namegen checkpoint ({type(e).__name__}: {detail}); "

@@ -262,10 +262,10 @@ def main(argv=None):
     if tc.ema and ema_decay(tc) != tc.ema:
         print(f"note: EMA decay {tc.ema:g} -> {ema_decay(tc):g}, a horizon of at most a tenth of {tc.steps} steps")
         tc = replace(tc, ema=ema_decay(tc))  # the recipe saved in the checkpoint is the one used
-    # Small batches gain nothing from a second thread (0.6 ms/step either way on 2 idle cores) and lose a
-    # lot when the cores are shared; larger batches use torch's default.
     if args.split_seed < 0:  # random.Random(-1) would shuffle as Random(1) does
         p.error(f"--split-seed must be >= 0, got {args.split_seed}")
+    # Small batches gain nothing from a second thread (0.6 ms/step either way on 2 idle cores) and lose a
+    # lot when the cores are shared; larger batches use torch's default.
     if not 0 <= args.threads <= 256:  # torch crashes on absurd counts (100,000: a segfault)
         p.error(f"--threads must be in [0, 256], got {args.threads}")
     threads = args.threads or (1 if tc.batch_size <= 64 else torch.get_num_threads())

@@ -7,6 +7,7 @@
 """
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def cli(main):
     with 130 (128 + SIGINT, as a shell reports it), after replacing() has removed any half-written file."""
     try:
         rc = main()
+        # Done: a Ctrl-C while main's objects are torn down and the process exits would only print a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -34,7 +34,12 @@ def test_unwritable_names_the_flag_and_the_reason(tmp_path):
     assert "not a writable folder" in unwritable(tmp_path / "file" / "a.png", "--out", create=True)
 
 
-def test_cli_exit_status_and_interrupt(capsys):
+def test_cli_exit_status_and_interrupt(capsys, monkeypatch):
+    import signal
+
+    handlers = []
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: handlers.append((sig, handler)))  # not this process's
+
     def interrupted():
         raise KeyboardInterrupt
 
@@ -45,6 +50,8 @@ def test_cli_exit_status_and_interrupt(capsys):
         with pytest.raises(SystemExit) as exc:
             cli(lambda r=returned: r)
         assert exc.value.code == code
+    # Once main has returned, Ctrl-C is ignored: the work is done, and exiting must not end in a traceback.
+    assert handlers == [(signal.SIGINT, signal.SIG_IGN)] * 3
 
 
 def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_checkpoint, tiny_model_dir, tmp_path, monkeypatch):
@@ -129,6 +136,9 @@ def test_train_interrupted_while_plotting_leaves_no_stale_plots(tmp_path, monkey
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 30  # saved before the plots
     assert sorted(p.name for p in pdir.iterdir()) == sorted(plots.PLOTS[:5])  # the new ones; no old, no partial
     assert all((pdir / name).read_bytes()[:4] == b"\x89PNG" for name in plots.PLOTS[:5])
+    main(["--preset", "tiny", "--steps", "30", "--out-dir", str(tmp_path), "--no-progress", "--threads", "1",
+          "--no-plots"])
+    assert list(pdir.iterdir()) == []  # a run without plots leaves none of the last run's beside its model
 
 
 def test_verify_keeps_its_report_when_nothing_could_be_checked(tiny_model_dir, tmp_path, capsys):

@@ -322,6 +322,8 @@ def main(argv=None):
         *sweep, metrics["suggested_lr"] = lr_sweep(mc, *xy["train"], seed=tc.seed)
         print(f"learning-rate sweep: suggested lr {metrics['suggested_lr']:.3g} (this recipe: {tc.optimizer} lr {tc.lr:g})")
 
+    for old in plots.PLOTS:  # the last run's, even under --no-plots: no plot of another model beside this one
+        (out / "plots" / old).unlink(missing_ok=True)
     save_checkpoint(out / "model.pt", model, vocab, words, args.split_seed, tc, metrics)
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
@@ -341,8 +343,6 @@ def main(argv=None):
     if not args.no_plots:
         pdir = out / "plots"
         pdir.mkdir(parents=True, exist_ok=True)
-        for old in plots.PLOTS:  # an earlier run's: if this run stops half-way, no plot of another model is left
-            (pdir / old).unlink(missing_ok=True)
         Xtr, Ytr = xy["train"]
         ix = torch.randint(0, len(Xtr), (1024,), generator=torch.Generator().manual_seed(0))
         written = [

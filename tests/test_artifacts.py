@@ -115,18 +115,36 @@ def test_graphs_are_served_only_with_their_checkpoint(tiny_model_dir, tmp_path, 
     Engine(d, provider="cpu", threads=1)
 
 
-def test_train_interrupted_while_plotting_leaves_no_stale_plots(tmp_path, monkeypatch, capsys):
+def test_interrupted_training_leaves_no_files_of_another_model(tmp_path, monkeypatch, capsys):
+    """A run stopped while it saves or draws leaves the files it wrote and no metrics or plots of the run
+    before, which would describe another model; so does a run under --no-plots."""
+    import trainer.train as tt
     from trainer import plots
     from trainer.train import main
 
     pdir = tmp_path / "plots"
     pdir.mkdir()
-    for name in plots.PLOTS:
-        (pdir / name).write_bytes(b"an earlier run's plot")
+
+    def earlier_run(names=plots.PLOTS):
+        for name in names:
+            (pdir / name).write_bytes(b"an earlier run's plot")
+
+    earlier_run()
+    (tmp_path / "metrics.json").write_text("an earlier run's metrics")
+    (tmp_path / "model.pt").write_bytes(b"an earlier run's model")
 
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
+    with monkeypatch.context() as m:  # stopped as the checkpoint is saved: the old one stays, alone
+        m.setattr(tt, "save_checkpoint", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            main(["--preset", "tiny", "--steps", "30", "--out-dir", str(tmp_path), "--no-progress", "--threads", "1",
+                  "--no-plots"])
+    assert (tmp_path / "model.pt").read_bytes() == b"an earlier run's model"
+    assert not (tmp_path / "metrics.json").exists() and list(pdir.iterdir()) == []  # missing, not another model's
+
+    earlier_run()
     monkeypatch.setattr(plots, "plot_init_comparison", interrupted)  # the sixth plot
     with pytest.raises(KeyboardInterrupt):
         main(["--preset", "tiny", "--steps", "30", "--eval-every", "30", "--out-dir", str(tmp_path), "--no-progress",
@@ -136,6 +154,7 @@ def test_train_interrupted_while_plotting_leaves_no_stale_plots(tmp_path, monkey
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 30  # saved before the plots
     assert sorted(p.name for p in pdir.iterdir()) == sorted(plots.PLOTS[:5])  # the new ones; no old, no partial
     assert all((pdir / name).read_bytes()[:4] == b"\x89PNG" for name in plots.PLOTS[:5])
+    earlier_run()
     main(["--preset", "tiny", "--steps", "30", "--out-dir", str(tmp_path), "--no-progress", "--threads", "1",
           "--no-plots"])
     assert list(pdir.iterdir()) == []  # a run without plots leaves none of the last run's beside its model

@@ -322,8 +322,10 @@ def main(argv=None):
         *sweep, metrics["suggested_lr"] = lr_sweep(mc, *xy["train"], seed=tc.seed)
         print(f"learning-rate sweep: suggested lr {metrics['suggested_lr']:.3g} (this recipe: {tc.optimizer} lr {tc.lr:g})")
 
-    for old in plots.PLOTS:  # the last run's, even under --no-plots: no plot of another model beside this one
-        (out / "plots" / old).unlink(missing_ok=True)
+    # The last run's metrics and plots go first (under --no-plots too): a run stopped from here on leaves
+    # files missing, never another model's beside this one.
+    for old in ["metrics.json", *(Path("plots") / name for name in plots.PLOTS)]:
+        (out / old).unlink(missing_ok=True)
     save_checkpoint(out / "model.pt", model, vocab, words, args.split_seed, tc, metrics)
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")

@@ -49,3 +49,16 @@ def cpu_engine(tiny_model_dir):
     from service.engine import Engine
 
     return Engine(tiny_model_dir, provider="cpu", threads=2)
+
+
+@pytest.fixture(scope="session")
+def cuda_loads(tiny_model_dir):
+    """Does ONNX Runtime's CUDA provider really load here (provider=cuda)?"""
+    from service.engine import Engine
+    from service.session import ProviderError
+
+    try:
+        Engine(tiny_model_dir, provider="cuda")
+        return True
+    except ProviderError:
+        return False

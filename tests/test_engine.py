@@ -237,14 +237,6 @@ def test_mismatched_model_files(tmp_path, tiny_model_dir):
         prop.value = good
 
 
-def _cuda_available(tiny_model_dir):
-    try:
-        Engine(tiny_model_dir, provider="cuda")
-        return True
-    except ProviderError:
-        return False
-
-
 def test_provider_selection(tiny_model_dir):
     assert Engine(tiny_model_dir, provider="cpu").provider == "cpu"
     auto = Engine(tiny_model_dir, provider="auto")
@@ -272,8 +264,8 @@ def test_auto_warns_when_cuda_fails_to_load(tiny_model_dir, monkeypatch, caplog)
 
 
 @pytest.mark.cuda
-def test_cuda_parity(tiny_model_dir, tiny_checkpoint):
-    if "CUDAExecutionProvider" not in ort.get_available_providers() or not _cuda_available(tiny_model_dir):
+def test_cuda_parity(tiny_model_dir, tiny_checkpoint, cuda_loads):
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_loads:
         pytest.skip("no CUDA execution provider loads on this machine")
     from export.reference import reference_generate
 

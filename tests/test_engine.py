@@ -4,10 +4,12 @@ import math
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from service.engine import ONLY_NEW_PROBE, Engine, GenerationError
 from service.params import FLOAT32_TINY, MAX_LENGTH_LIMIT, MAX_TEMPERATURE, GenerateParams, InvalidArgument
 from service.session import ModelFileError, ProviderError
+from trainer.dataset import build_examples
 
 P = GenerateParams
 
@@ -263,14 +265,36 @@ def test_auto_warns_when_cuda_fails_to_load(tiny_model_dir, monkeypatch, caplog)
         Engine(tiny_model_dir, provider="cuda")
 
 
+def test_cuda_is_asked_for_float32_matrix_products(tiny_model_dir, monkeypatch):
+    """ORT's CUDA provider defaults to TF32 matrix products on Ampere and newer GPUs, which broke parity on
+    an H100 (logits 4.95e-3 from torch). The session asks for use_tf32=0. Here CUDA is pretended."""
+    from service import session
+
+    asked, real = [], ort.InferenceSession
+
+    def recording(path, so, providers):
+        asked.append(providers)
+        return real(path, so, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(session, "_nvidia_driver_present", lambda: True)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", lambda: None, raising=False)
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    session.make_session(tiny_model_dir / "model.onnx", provider="auto")
+    assert asked == [[("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]]
+
+
 @pytest.mark.cuda
-def test_cuda_parity(tiny_model_dir, tiny_checkpoint, cuda_loads):
+def test_cuda_parity(tiny_model_dir, tiny_checkpoint, splits, cuda_loads):
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_loads:
         pytest.skip("no CUDA execution provider loads on this machine")
     from export.reference import reference_generate
 
     model, vocab, ckpt = tiny_checkpoint
     gpu = Engine(tiny_model_dir, provider="cuda")
+    X, _ = build_examples(splits["val"], vocab, model.cfg.block_size)
+    with torch.no_grad():  # the float32 tolerance: TF32 matrix products miss it by ~100x
+        assert np.abs(gpu.logits_model.run(None, {"context": X.numpy()})[0] - model(X).numpy()).max() <= 1e-5
     for setting in (dict(), dict(temperature=0.7, top_k=5, prefix="ma"), dict(top_p=0.9)):
         p = P(num_samples=2000, seed=11, **setting)
         assert names(gpu.generate(p)) == [n for n, _ in reference_generate(model, vocab, p, ckpt["words"])]

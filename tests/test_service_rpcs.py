@@ -2,11 +2,13 @@
 answers, health, reflection, metrics, determinism, parity with the torch reference, streaming."""
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.service_fixtures import SERVICE, assert_healthy, gen, names_of, pb, scrape, stopped_early, wait_for_stop
+from tests.service_fixtures import (SERVICE, assert_healthy, gen, names_of, pb, pb_grpc, scrape, start_server,
+                                    stopped_early, wait_for_stop)
 
 
 def test_generate(stub):
@@ -90,18 +92,38 @@ def test_cancelled_stream_stops_drawing(server, channel, stub):
 # ---- determinism and parity ----
 
 
-def test_parity_with_torch_reference(stub, checkpoint):
+def assert_reference_names(stub, checkpoint, n=1):
+    """The served names for a seed are the torch reference sampler's, across options (n: names scale)."""
     from export.reference import reference_generate
     from service.params import GenerateParams
 
     model, vocab, ckpt = checkpoint
-    cases = [dict(num_samples=64, seed=11), dict(num_samples=40, seed=12, temperature=0.8, top_k=8, top_p=0.9),
-             dict(num_samples=30, seed=13, prefix="mar", max_length=10), dict(num_samples=30, seed=14, only_new=True)]
+    cases = [dict(num_samples=64 * n, seed=11), dict(num_samples=40 * n, seed=12, temperature=0.8, top_k=8, top_p=0.9),
+             dict(num_samples=30 * n, seed=13, prefix="mar", max_length=10),
+             dict(num_samples=30 * n, seed=14, only_new=True)]
     for kw in cases:
         got = gen(stub, **kw).samples
         ref = reference_generate(model, vocab, GenerateParams(**kw), words=ckpt["words"])
         assert [s.name for s in got] == [n for n, _ in ref], kw
         assert [s.logprob for s in got] == pytest.approx([lp for _, lp in ref], abs=1e-3), kw
+
+
+def test_parity_with_torch_reference(stub, checkpoint):
+    assert_reference_names(stub, checkpoint)
+
+
+@pytest.mark.cuda
+def test_parity_with_torch_reference_on_cuda(model_dir, checkpoint, cuda_loads):
+    if not cuda_loads:
+        pytest.skip("no CUDA execution provider loads on this machine")
+    server = start_server(model_dir, "--provider", "cuda")  # (its later --provider wins over the fixture's cpu)
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.NameGeneratorStub(ch)
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).provider == "cuda"
+            assert_reference_names(stub, checkpoint, n=20)
+    finally:
+        server.stop()
 
 
 def test_same_seed_regardless_of_batch_composition(stub):

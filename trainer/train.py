@@ -141,9 +141,6 @@ def train(model, splits_xy, tc, device="cpu", progress=True):
     avg = EMA(model, ema_decay(tc)) if tc.ema else None
     evaluated = avg.module if avg else model
     hist = {"loss": [], "val": [], "ud": [], "ud_steps": [], "ud_names": [n for n, _ in weights]}
-    # Per-step losses stay on the device until the end: loss.item() every step would make the CPU wait for
-    # the GPU each step, and this model's steps are all launch overhead there.
-    losses = torch.empty(tc.steps, device=device)  # (steps,)
     bar = tqdm(range(tc.steps), disable=not progress, mininterval=1.0, desc="train", unit="step")
     for step in bar:
         lr = tc.lr_at(step)
@@ -158,7 +155,7 @@ def train(model, splits_xy, tc, device="cpu", progress=True):
         opt.step()
         if avg:
             avg.update(model)
-        losses[step] = loss.detach()
+        hist["loss"].append(loss.item())
         if step % tc.record_every == 0:
             # update:data = std of the actual change / std of the weights (log10; ~-3 is healthy)
             with torch.no_grad():
@@ -170,7 +167,6 @@ def train(model, splits_xy, tc, device="cpu", progress=True):
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.4f}", lr=f"{lr:.2g}")
             if not progress:
                 print(f"step {step + 1:7d}/{tc.steps}  loss {loss.item():.4f}  val {val:.4f}  lr {lr:.3g}")
-    hist["loss"] = losses.tolist()
     if avg:
         avg.apply()
     if tc.calibrate_bn:

@@ -56,7 +56,7 @@ def test_cli_exit_status_and_interrupt(capsys, monkeypatch):
 
 def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_checkpoint, tiny_model_dir, tmp_path, monkeypatch):
     from trainer.checkpoint import save_checkpoint
-    from trainer.train import TrainConfig
+    from trainer.recipe import TrainConfig
 
     path = tmp_path / "model.pt"
     shutil.copy(tiny_model_dir / "model.pt", path)

@@ -89,7 +89,8 @@ def test_short_training_beats_bigram(tiny_model_dir):
 
 
 def test_short_run_with_ema_saves_trained_weights(vocab, splits):
-    from trainer.train import TrainConfig, evaluate, train
+    from trainer.recipe import TrainConfig
+    from trainer.train import evaluate, train
 
     xy = {k: build_examples(splits[k][:2000], vocab, 3) for k in ("train", "val")}
     losses = {}
@@ -225,10 +226,10 @@ def test_calibrate_batchnorm_sets_exact_statistics():
 
 
 def test_ema_matches_torch_averaged_model():
-    """trainer.train.EMA keeps the same average as torch's AveragedModel(use_buffers=True), only faster."""
+    """trainer.recipe.EMA keeps the same average as torch's AveragedModel(use_buffers=True), only faster."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from trainer.train import EMA
+    from trainer.recipe import EMA
 
     torch.manual_seed(0)
     m = MLP(ModelConfig(n_hidden=16))
@@ -252,7 +253,7 @@ def test_ema_matches_torch_averaged_model():
 def test_model_shape_and_parameter_counts():
     """The lecture's model has 12,097 parameters (no hidden bias: BatchNorm's shift replaces it); the better
     preset's 258,555, with dropout after each tanh."""
-    from trainer.train import PRESETS
+    from trainer.recipe import PRESETS
 
     assert MLP(ModelConfig()).num_params() == 12097
     assert [type(m).__name__ for m in MLP(ModelConfig()).hidden] == ["Linear", "BatchNorm1d", "Tanh"]
@@ -283,7 +284,7 @@ def test_evaluate_is_the_mean_nll_in_eval_mode_and_keeps_the_mode():
 
 
 def test_lr_schedules():
-    from trainer.train import PRESETS, TrainConfig
+    from trainer.recipe import PRESETS, TrainConfig
 
     base = PRESETS["baseline"][1]  # 0.1, then 0.01 from step 150,000 of 200,000
     assert [base.lr_at(s) for s in (0, 149_999, 150_000, 199_999)] == [0.1, 0.1, 0.01, 0.01]
@@ -298,7 +299,7 @@ def test_lr_schedules():
 
 
 def test_ema_horizon_is_at_most_a_tenth_of_the_run():
-    from trainer.train import TrainConfig, ema_decay
+    from trainer.recipe import TrainConfig, ema_decay
 
     assert ema_decay(TrainConfig(steps=200_000, ema=0.9999)) == 0.9999
     assert ema_decay(TrainConfig(steps=1000, ema=0.9999)) == pytest.approx(0.99)
@@ -345,7 +346,7 @@ def test_train_saves_the_average_and_calibrates_batchnorm(vocab, splits, monkeyp
 
 
 def test_adamw_decays_only_the_matrices():
-    from trainer.train import TrainConfig, make_optimizer
+    from trainer.recipe import TrainConfig, make_optimizer
 
     m = MLP(ModelConfig(n_hidden=16, n_layers=2))
     opt = make_optimizer(m, TrainConfig(optimizer="adamw", weight_decay=0.1))

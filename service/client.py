@@ -75,12 +75,22 @@ def _timeout(args):
     return UNARY_TIMEOUT if args.timeout is None else args.timeout
 
 
+def cells(text):
+    """Terminal columns of text: wide (East Asian) characters take 2, combining marks 0."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def ljust(text, width):
+    """text padded to `width` terminal columns, so names from any word list line up."""
+    return text + " " * (width - cells(text))
+
+
 def cmd_generate(stub, args):
     resp = stub.Generate(request_of(args), timeout=_timeout(args))
     shown = [s.name or '""' for s in resp.samples]  # the model can end a name at once: show it as ""
-    width = max(map(len, shown), default=0)
+    width = max(map(cells, shown), default=0)
     for name, s in zip(shown, resp.samples):
-        print(f"{name:<{width}}  {s.logprob:9.4f}  {'[train]' if s.in_training_data else '[new]'}")
+        print(f"{ljust(name, width)}  {s.logprob:9.4f}  {'[train]' if s.in_training_data else '[new]'}")
     print(f"seed: {resp.seed}")
 
 
@@ -149,10 +159,10 @@ def cmd_score(stub, args):
         raise UsageError("give names to score, or --file")
     resp = stub.Score(pb.ScoreRequest(names=names), timeout=_timeout(args))
     shown = [s.name or '""' for s in resp.scores]  # as generate shows an empty name
-    width = max(map(len, shown))
+    width = max(map(cells, shown))
     for name, s in zip(shown, resp.scores):
         per = " ".join(f"{c}:{lp:.2f}" for c, lp in zip(s.name + ".", s.char_logprobs))
-        print(f"{name:<{width}}  {s.logprob:9.4f}  {per}")
+        print(f"{ljust(name, width)}  {s.logprob:9.4f}  {per}")
 
 
 def cmd_info(stub, args):

@@ -42,6 +42,14 @@ def test_client_sends_nfc_text():
     assert req.prefix == "\u00e9"  # as the training words are read (data.names.read_lines)
 
 
+def test_client_pads_names_by_terminal_columns():
+    """Names from any word list line up: a wide character takes two columns, a combining mark none."""
+    from service.client import cells, ljust
+
+    assert [cells(w) for w in ("emma", "zoë", "zoe\u0308", "はな", "")] == [4, 3, 3, 4, 0]
+    assert ljust("はな", 6) == "はな  " and ljust("emma", 6) == "emma  " and ljust("zoe\u0308", 4) == "zoe\u0308 "
+
+
 def test_client_target_forms():
     from service.client import channel_target
 

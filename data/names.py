@@ -126,7 +126,8 @@ def load_words(path):
     return [w for _, w in numbered]
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """`make data`: obtain and verify names.txt. -> exit status."""
     import argparse
     import sys
 
@@ -134,9 +135,17 @@ if __name__ == "__main__":
         prog="python -m data.names",
         description="Obtain names.txt ($NAMES_TXT, ../shared/data/names.txt, the cached data/names.txt, or a "
                     f"download from {NAMES_URL}) and verify its sha256. Takes no options.",
-    ).parse_args()
+    ).parse_args(argv)
     try:
         path = default_names_path()
-        print(f"{path}: sha256 verified ({NAMES_SHA256[:12]}...)")
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: sha256 verified ({NAMES_SHA256[:12]}...)")
+    return 0
+
+
+if __name__ == "__main__":
+    from data.files import cli
+
+    cli(main)  # Ctrl-C during a download: one line, exit 130

@@ -25,10 +25,14 @@ def test_wrong_checksum_is_rejected(tmp_path, monkeypatch):
         default_names_path()  # not advice to delete the user's own word list
 
 
-def test_names_txt_env_missing(monkeypatch, tmp_path):
+def test_names_txt_env_missing(monkeypatch, tmp_path, capsys):
+    from data.names import main
+
+    assert main([]) == 0 and "sha256 verified" in capsys.readouterr().out  # `make data`, as the suite finds it
     monkeypatch.setenv("NAMES_TXT", str(tmp_path / "nope.txt"))
     with pytest.raises(DataError, match="NAMES_TXT"):
         default_names_path()
+    assert main([]) == 1 and capsys.readouterr().err.startswith("error: NAMES_TXT=")  # one line, no traceback
 
 
 @pytest.mark.parametrize(

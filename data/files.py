@@ -4,6 +4,7 @@
   plot is written leaves the previous file (or none), never a truncated one that a later step would trust.
 - unwritable(path, flag): an output's place is checked before the work that fills it, not after.
 - cli(main): Ctrl-C ends a command with one line and exit status 130 instead of a traceback.
+- quiet_start(): so does a Ctrl-C before main(), while `python -m` imports torch or onnxruntime.
 """
 import contextlib
 import os
@@ -48,9 +49,26 @@ def unwritable(path, flag, create=False):
     return None
 
 
+def _interrupted_at_start(signum, frame):
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)  # nothing is written yet, and unwinding a half-done import would print its traceback
+
+
+def quiet_start():
+    """Called by each package's __init__: when Python is locating a module to run as `python -m package.module`
+    (sys.argv[0] is "-m" until then), a Ctrl-C before main() starts, while the module imports torch or
+    onnxruntime (a second or two), exits with one line and status 130 instead of an import traceback.
+    cli() gives Ctrl-C back to Python (KeyboardInterrupt) when main starts. A SIGINT that the parent
+    process had ignored (a background job) stays ignored."""
+    if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_at_start)
+
+
 def cli(main):
     """Run a command's main(): an int it returns is the exit status; Ctrl-C prints "interrupted" and exits
     with 130 (128 + SIGINT, as a shell reports it), after replacing() has removed any half-written file."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rc = main()
         # Done: a Ctrl-C while main's objects are torn down and the process exits would only print a traceback.

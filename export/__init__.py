@@ -1,0 +1,3 @@
+from data.files import quiet_start
+
+quiet_start()  # `python -m export.<command>`: a Ctrl-C while it starts up is one line (data/files.py)

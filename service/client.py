@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from data.files import cli
 from data.names import DataError, read_lines
 from service import gen_proto
 
@@ -258,4 +259,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

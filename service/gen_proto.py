@@ -13,9 +13,10 @@ import argparse
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
+
+from data.files import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "namegen.proto"
@@ -91,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

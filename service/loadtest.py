@@ -19,12 +19,11 @@ import ipaddress
 import json
 import math
 import multiprocessing
-import sys
 import time
 
 import grpc
 
-from data.files import unwritable, write_text
+from data.files import cli, unwritable, write_text
 from service import gen_proto
 
 gen_proto.ensure()
@@ -228,4 +227,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

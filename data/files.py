@@ -49,26 +49,31 @@ def unwritable(path, flag, create=False):
     return None
 
 
-def _interrupted_at_start(signum, frame):
+def _interrupted_hook(kind, value, tb):
+    """sys.excepthook of a command started by `python -m` (quiet_start)."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, value, tb)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
     os.write(2, b"\ninterrupted\n")
-    os._exit(130)  # nothing is written yet, and unwinding a half-done import would print its traceback
+    # The interrupt has unwound (every finally ran: no temporary files are left). Exit now with cli()'s
+    # status, rather than let Python end the process by SIGINT (status -2 to a subprocess caller).
+    os._exit(130)
 
 
 def quiet_start():
-    """Called by each package's __init__: when Python is locating a module to run as `python -m package.module`
-    (sys.argv[0] is "-m" until then), a Ctrl-C before main() starts, while the module imports torch or
-    onnxruntime (a second or two), exits with one line and status 130 instead of an import traceback.
-    cli() gives Ctrl-C back to Python (KeyboardInterrupt) when main starts. A SIGINT that the parent
-    process had ignored (a background job) stays ignored."""
-    if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupted_at_start)
+    """Each package's __init__ calls this (data's runs first, as the others import data.files). When Python is
+    locating a module to run as `python -m package.module` (sys.argv[0] is "-m" until then), a Ctrl-C before
+    main() starts, while the module imports torch or onnxruntime (a second or two), then ends with one line
+    and status 130 instead of an import traceback. Once main runs, cli() handles Ctrl-C itself."""
+    if sys.argv[:1] == ["-m"]:
+        sys.excepthook = _interrupted_hook
 
 
 def cli(main):
     """Run a command's main(): an int it returns is the exit status; Ctrl-C prints "interrupted" and exits
     with 130 (128 + SIGINT, as a shell reports it), after replacing() has removed any half-written file."""
-    if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rc = main()
         # Done: a Ctrl-C while main's objects are torn down and the process exits would only print a traceback.

@@ -77,8 +77,11 @@ def _timeout(args):
 
 
 def cells(text):
-    """Terminal columns of text: wide (East Asian) characters take 2, combining marks 0."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    """Terminal columns of text: wide and fullwidth (East Asian) characters take 2; marks that sit on the
+    character before them (categories Mn, Me: accents, Thai and Devanagari vowel signs) and format
+    characters (Cf: zero-width joiners) take none."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
 
 
 def ljust(text, width):
@@ -251,8 +254,6 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
     except BrokenPipeError:  # `... | head`
         return 0
     return 0

@@ -169,6 +169,8 @@ def _run_sync(cfg, concurrency, quota, t_start):
                     n = call(req)
                 except grpc.RpcError as e:
                     code, detail = e.code().name, e.details()
+                except ValueError:  # "Cannot invoke RPC on closed channel": the step was interrupted (Ctrl-C)
+                    return
                 dt = time.perf_counter() - t0
                 with lock:
                     tally.record(counted, dt, n, code, detail)

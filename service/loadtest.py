@@ -19,6 +19,7 @@ import ipaddress
 import json
 import math
 import multiprocessing
+import signal
 import time
 
 import grpc
@@ -185,6 +186,19 @@ def parse_args(argv=None):
     return args
 
 
+def worker_pool(procs):
+    """The client processes (None for one). spawn, not fork: a forked gRPC client is unsafe, and workers must
+    not inherit the parent's state. They ignore Ctrl-C, which a terminal sends them too (each would print a
+    traceback): the parent stops them, and says "interrupted" once (data.files.cli)."""
+    if procs <= 1:
+        return None
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept by the spawned interpreters
+    try:
+        return multiprocessing.get_context("spawn").Pool(procs)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = {
@@ -208,15 +222,12 @@ def main(argv=None):
     cfg["score_names"] = check_server(cfg)
     print(HEADER, flush=True)
     steps = []
-    # spawn, not fork: a forked gRPC client is unsafe, and workers must not inherit the parent's state.
-    pool = multiprocessing.get_context("spawn").Pool(args.procs) if args.procs > 1 else None
+    pool = worker_pool(args.procs)
     try:
         for c in args.levels:
             s = run_step(cfg, c, pool)
             steps.append(s)
             print(row(s), flush=True)
-    except KeyboardInterrupt:
-        return 130
     finally:
         if pool:
             pool.terminate()

@@ -3,8 +3,8 @@
 Start-up order, and why: load the model first (a missing or corrupt file exits non-zero with one
 line, before a port is taken), open the metrics port if asked (a failure there comes before the
 gRPC port is announced), bind and start with health NOT_SERVING, warm up, then SERVING. On
-SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session; handled from the moment the port opens, warm-up
-included): NOT_SERVING (health Watch streams send it and end), stop accepting, let in-flight RPCs finish
+SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session; handled once the model is loaded, before the port
+opens, warm-up included): NOT_SERVING (health Watch streams send it and end), stop accepting, let in-flight RPCs finish
 within --grace seconds, exit 0. A second signal cuts the drain short.
 """
 import argparse
@@ -121,6 +121,21 @@ async def serve(args, engine):
             ("grpc.so_reuseport", 0),  # a port in use must fail, not silently share
         ]
     )
+    # Signals drain from here on, before a port opens: a Ctrl-C while it opens would leave grpc's tasks to
+    # complain as the process ends. Until warm-up is over the drain is immediate (nothing is in flight yet).
+    stop = asyncio.Event()
+    signals = []
+
+    def on_signal(signame):
+        signals.append(signame)
+        if len(signals) == 1:
+            stop.set()
+        else:  # second signal: don't wait out the grace period
+            print(f"{signame} again: cancelling in-flight RPCs", flush=True)
+            loop.create_task(server.stop(0))
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig.name)
     add_to_server(servicer, server)
     health = DrainingHealthServicer()
     for name in ("", SERVICE_NAME):
@@ -147,20 +162,6 @@ async def serve(args, engine):
         return 1
     await server.start()
     batcher.start()
-    # Signals drain from here on: the port is open, so RPCs may already be in flight during warm-up.
-    stop = asyncio.Event()
-    signals = []
-
-    def on_signal(signame):
-        signals.append(signame)
-        if len(signals) == 1:
-            stop.set()
-        else:  # second signal: don't wait out the grace period
-            print(f"{signame} again: cancelling in-flight RPCs", flush=True)
-            loop.create_task(server.stop(0))
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, on_signal, sig.name)
     print(f"listening on {host}:{port}", flush=True)  # [::1]:port for IPv6, as a client's --target takes it
 
     metrics.queue_depth.set_function(lambda: batcher.pending)

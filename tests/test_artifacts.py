@@ -52,34 +52,46 @@ def test_cli_exit_status_and_interrupt(capsys, monkeypatch):
         assert exc.value.code == code
     # Once main has returned, Ctrl-C is ignored: the work is done, and exiting must not end in a traceback.
     assert handlers == [(signal.SIGINT, signal.SIG_IGN)] * 3
-    # Started by `python -m` (quiet_start): main gets Python's Ctrl-C (KeyboardInterrupt) back first.
-    from data import files
-
-    handlers.clear()
-    monkeypatch.setattr(signal, "getsignal", lambda sig: files._interrupted_at_start)
-    with pytest.raises(SystemExit):
-        cli(lambda: 0)
-    assert handlers == [(signal.SIGINT, signal.default_int_handler), (signal.SIGINT, signal.SIG_IGN)]
 
 
 @pytest.mark.parametrize("parent", ["default", "ignored"])
-def test_ctrl_c_while_a_command_starts_up_is_one_line(parent):
-    """`python -m trainer.train` imports torch for a second or two before main(): a Ctrl-C then exits with
-    one line and status 130, not an import traceback (the package's quiet_start). A SIGINT that the parent
-    ignored (a background job) stays ignored."""
+def test_ctrl_c_while_a_command_starts_up_is_one_line(parent, tmp_path):
+    """`python -m trainer.train` imports torch for a second or two before main(): a Ctrl-C then ends with
+    one line and status 130, not an import traceback (quiet_start), after the interrupted code's finally
+    blocks ran. A SIGINT that the parent ignored (a background job) stays ignored."""
     import signal
     import subprocess
     import sys
 
+    root = Path(__file__).resolve().parent.parent
     disposition = signal.SIG_DFL if parent == "default" else signal.SIG_IGN
-    code = ("import sys; sys.argv[0] = '-m'; import trainer, os, signal, time; "  # as while -m locates the module
-            "os.kill(os.getpid(), signal.SIGINT); time.sleep(1)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       cwd=Path(__file__).resolve().parent.parent, preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+    marker = tmp_path / "unwound"
+    # sys.argv[0] is "-m" while Python locates a module to run as `python -m` (a package's __init__ sees it).
+    code = ("import sys; sys.argv[0] = '-m'; import trainer, os, signal, time, pathlib\n"
+            "try:\n    os.kill(os.getpid(), signal.SIGINT); time.sleep(1)\n"
+            f"finally:\n    pathlib.Path({str(marker)!r}).touch()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     assert (r.returncode, r.stderr.strip()) == ((130, "interrupted") if parent == "default" else (0, ""))
-    # Imported as a library (not `python -m`), the packages leave Ctrl-C alone.
-    code = "import signal, sys, trainer, service; sys.exit(signal.getsignal(signal.SIGINT) is not signal.default_int_handler)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0
+    assert marker.exists()  # the interrupt unwound the stack (temporary files get removed)
+    # Imported as a library (not `python -m`), the packages leave Python's handling alone.
+    code = "import sys, trainer, export, service; sys.exit(sys.excepthook is not sys.__excepthook__)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_every_command_runs_under_cli():
+    """Each `python -m` command's main runs under data.files.cli, which turns Ctrl-C into one line and removes
+    half-written files; a command outside it would print a traceback."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    commands = 0
+    for path in sorted(p for d in ("data", "trainer", "export", "service") for p in (root / d).glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                commands += 1
+                assert ast.unparse(node.body[-1]).startswith("cli(main)"), path
+    assert commands >= 10  # data.names, trainer.train, lr_sweep, export.export, verify, bench, server, client, ...
 
 
 def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_checkpoint, tiny_model_dir, tmp_path, monkeypatch):

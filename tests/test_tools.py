@@ -43,10 +43,12 @@ def test_client_sends_nfc_text():
 
 
 def test_client_pads_names_by_terminal_columns():
-    """Names from any word list line up: a wide character takes two columns, a combining mark none."""
+    """Names from any word list line up: a wide character takes two columns, a mark on the character before
+    it or a zero-width joiner none (NFC leaves such marks where no composed letter exists: Thai, Devanagari)."""
     from service.client import cells, ljust
 
-    assert [cells(w) for w in ("emma", "zoë", "zoe\u0308", "はな", "")] == [4, 3, 3, 4, 0]
+    words = ("emma", "zoë", "zoe\u0308", "はな", "สมศักดิ์", "नीलं", "a\u200db", "")
+    assert [cells(w) for w in words] == [4, 3, 3, 4, 5, 3, 2, 0]
     assert ljust("はな", 6) == "はな  " and ljust("emma", 6) == "emma  " and ljust("zoe\u0308", 4) == "zoe\u0308 "
 
 

@@ -3,9 +3,9 @@
 Start-up order, and why: load the model first (a missing or corrupt file exits non-zero with one
 line, before a port is taken), open the metrics port if asked (a failure there comes before the
 gRPC port is announced), bind and start with health NOT_SERVING, warm up, then SERVING. On
-SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session; handled once the model is loaded, before the port
-opens, warm-up included): NOT_SERVING (health Watch streams send it and end), stop accepting, let in-flight RPCs finish
-within --grace seconds, exit 0. A second signal cuts the drain short.
+SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session; handled once the model is loaded, before the
+port opens, warm-up included): NOT_SERVING (health Watch streams send it and end), stop accepting, let
+in-flight RPCs finish within --grace seconds, exit 0. A second signal cuts the drain short.
 """
 import argparse
 import asyncio
@@ -121,8 +121,8 @@ async def serve(args, engine):
             ("grpc.so_reuseport", 0),  # a port in use must fail, not silently share
         ]
     )
-    # Signals drain from here on, before a port opens: a Ctrl-C while it opens would leave grpc's tasks to
-    # complain as the process ends. Until warm-up is over the drain is immediate (nothing is in flight yet).
+    # Signals drain from here on, before the port opens (a Ctrl-C while grpc opens it would otherwise leave
+    # grpc's tasks complaining as the process ends). Once it is open, RPCs in flight during warm-up drain too.
     stop = asyncio.Event()
     signals = []
 

@@ -11,6 +11,8 @@ import unicodedata
 import urllib.request
 from pathlib import Path
 
+from data.files import replacing
+
 NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
 NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,23 +59,17 @@ def default_names_path(download=True):
             return _verified(candidate)
     if not download:
         raise DataError(f"names.txt not found (looked at $NAMES_TXT, {SHARED_PATH}, {CACHE_PATH})")
-    tmp = CACHE_PATH.with_suffix(".part")
-    try:
-        print(f"downloading {NAMES_URL} -> {CACHE_PATH}")
-        with urllib.request.urlopen(NAMES_URL, timeout=30) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"could not download names.txt from {NAMES_URL} ({e}); "
-            f"set NAMES_TXT to a local copy of it, or train on another word list with --data PATH"
-        ) from None
-    try:
+    print(f"downloading {NAMES_URL} -> {CACHE_PATH}")
+    with replacing(CACHE_PATH) as tmp:  # only a verified download becomes the cached copy (Ctrl-C included)
+        try:
+            with urllib.request.urlopen(NAMES_URL, timeout=30) as r:
+                tmp.write_bytes(r.read())
+        except OSError as e:
+            raise DataError(
+                f"could not download names.txt from {NAMES_URL} ({e}); "
+                f"set NAMES_TXT to a local copy of it, or train on another word list with --data PATH"
+            ) from None
         _verified(tmp)
-    except DataError:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(CACHE_PATH)
     return CACHE_PATH
 
 

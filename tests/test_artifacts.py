@@ -10,6 +10,8 @@ import torch
 
 from data.files import cli, replacing, unwritable, write_text
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_replacing_keeps_the_old_file_until_the_write_succeeds(tmp_path):
     path = tmp_path / "out" / "report.json"
@@ -63,20 +65,19 @@ def test_ctrl_c_while_a_command_starts_up_is_one_line(parent, tmp_path):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
     disposition = signal.SIG_DFL if parent == "default" else signal.SIG_IGN
     marker = tmp_path / "unwound"
     # sys.argv[0] is "-m" while Python locates a module to run as `python -m` (a package's __init__ sees it).
     code = ("import sys; sys.argv[0] = '-m'; import trainer, os, signal, time, pathlib\n"
             "try:\n    os.kill(os.getpid(), signal.SIGINT); time.sleep(1)\n"
             f"finally:\n    pathlib.Path({str(marker)!r}).touch()\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
                        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     assert (r.returncode, r.stderr.strip()) == ((130, "interrupted") if parent == "default" else (0, ""))
     assert marker.exists()  # the interrupt unwound the stack (temporary files get removed)
     # Imported as a library (not `python -m`), the packages leave Python's handling alone.
     code = "import sys, trainer, export, service; sys.exit(sys.excepthook is not sys.__excepthook__)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 def test_every_command_runs_under_cli():
@@ -84,9 +85,8 @@ def test_every_command_runs_under_cli():
     half-written files; a command outside it would print a traceback."""
     import ast
 
-    root = Path(__file__).resolve().parent.parent
     commands = 0
-    for path in sorted(p for d in ("data", "trainer", "export", "service") for p in (root / d).glob("*.py")):
+    for path in sorted(p for d in ("data", "trainer", "export", "service") for p in (ROOT / d).glob("*.py")):
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
                 commands += 1

@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from data.files import replacing  # noqa: E402
 from data.names import END  # noqa: E402
+from trainer.plots import save_figure  # noqa: E402
 
 
 def _pairs(words, vocab):
@@ -68,8 +68,4 @@ def plot_bigram(counts, vocab, path):
     ax.set_ylabel("previous character", fontsize=12)
     total = counts.sum().item()
     ax.set_title(f"bigram counts ({total:,} pairs; '.' = start/end token)", fontsize=14)
-    fig.tight_layout()
-    with replacing(path) as tmp:  # an interrupted write leaves no truncated PNG
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -68,7 +68,8 @@ def _hist_line(ax, t, label, bins=50):
     ax.plot(centers.numpy(), hy.numpy(), label=label)
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Lay the figure out, write it whole or not at all (data.files.replacing), close it. -> path"""
     path = Path(path)
     fig.tight_layout()
     with replacing(path) as tmp:  # an interrupted write leaves no truncated PNG
@@ -129,21 +130,21 @@ def plot_activations(model, X, Y, out_dir):
         label = f"layer {i} (Tanh): mean {t.mean():+.2f}, std {t.std():.2f}, saturated {100 * saturation(t):.2f}%"
         _hist_line(ax, t, label)
     ax.legend()
-    paths = [_save(fig, out_dir / "tanh_activations.png")]
+    paths = [save_figure(fig, out_dir / "tanh_activations.png")]
 
     fig, ax = _new_axes("gradient distribution (at tanh outputs)", "gradient", "density")
     for i, t in enumerate(outs):
         g = t.grad  # (B, n_hidden)
         _hist_line(ax, g, f"layer {i} (Tanh): mean {g.mean():+.2e}, std {g.std():.2e}")
     ax.legend()
-    paths.append(_save(fig, out_dir / "activation_gradients.png"))
+    paths.append(save_figure(fig, out_dir / "activation_gradients.png"))
 
     fig, ax = _new_axes("weight gradient distribution", "gradient", "density")
     for name, p, g in grads:
         ratio = (g.std() / p.std()).item()
         _hist_line(ax, g, f"{name} {tuple(p.shape)}: grad:data ratio = {ratio:.2e}")
     ax.legend()
-    paths.append(_save(fig, out_dir / "grad_data_ratio.png"))
+    paths.append(save_figure(fig, out_dir / "grad_data_ratio.png"))
     return paths
 
 
@@ -157,7 +158,7 @@ def plot_update_ratios(history, names, path, steps=None):
         ax.plot(x, h[:, j], label=name)
     ax.axhline(-3, color="k", linestyle="--", label="1e-3 guide")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- initialisation
@@ -196,7 +197,7 @@ def plot_init_comparison(cfg, X, Y, path):
         ax.set_ylabel("density")
         ax.legend()
     fig.suptitle(f"tanh activations at initialisation ({cfg_deep.n_layers} layers x {cfg_deep.n_hidden})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- training curves
@@ -217,7 +218,7 @@ def plot_loss(steps_losses, path, window=1000, val=None):
         vsteps, vloss = val
         ax.plot(vsteps, np.log10(np.asarray(vloss, dtype=np.float64)), "o-", label="val (mean NLL)")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lr_sweep(lrs, losses, path, suggested=None):
@@ -236,4 +237,4 @@ def plot_lr_sweep(lrs, losses, path, suggested=None):
                    label=f"suggested lr = {suggested:.3g}")
     ax.set_ylim(min(y.min(), smooth.min()) * 0.95, min(y.max(), 2 * smooth.max()) * 1.02)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,6 +1,7 @@
 """Export: BatchNorm folding, ONNX artifacts and metadata, and exact parity of the compiled sampler."""
 import copy
 import json
+import types
 
 import numpy as np
 import onnx
@@ -176,7 +177,7 @@ def test_sampler_graph_vs_spec_on_random_rows(cpu_engine, tiny_checkpoint):
         "context": rng.integers(0, 27, (N, model.cfg.block_size)).astype(np.int64),
         "uniforms": rng.random((N, T), dtype=np.float32),
         "temperature": rng.choice([0.3, 1.0, 1.7], N).astype(np.float32),
-        "top_k": rng.choice([0, 1, 4, 27], N).astype(np.int64),
+        "top_k": rng.choice([0, 1, 4, 27, 32], N).astype(np.int64),  # k > V acts as V
         "top_p": rng.choice([1.0, 0.95, 0.3], N).astype(np.float32),
         "max_tokens": rng.integers(0, T + 1, N).astype(np.int64),
     }
@@ -188,6 +189,20 @@ def test_sampler_graph_vs_spec_on_random_rows(cpu_engine, tiny_checkpoint):
     # Every row runs the fast float32 path first, top-k and top-p ones too; only thin margins are redone.
     top_p = feeds["top_p"] < 1
     assert 0 < rechecked.mean() < 0.2 and rechecked[top_p].mean() < 0.2
+
+
+def test_top_k_1_at_u_0_takes_the_most_likely_token(cpu_engine, tiny_checkpoint):
+    """u = 0 picks the first token with weight > 0: under top_k = 1 that is the argmax, not the end token
+    (index 0) that an inverse CDF counting zero weights would give."""
+    model, _, _ = tiny_checkpoint
+    ctx = np.random.default_rng(2).integers(1, 27, (200, model.cfg.block_size))
+    with torch.no_grad():
+        argmax = model(torch.from_numpy(ctx)).argmax(1).numpy()
+    ctx = ctx[argmax != 0]  # contexts whose most likely next character is a letter
+    feeds = unit_feeds(ctx, np.zeros((len(ctx), 2), np.float32), 1, top_k=1)
+    tokens, _, _ = cpu_engine.sampler.run(None, feeds)
+    assert len(ctx) >= 50 and (tokens[:, 0] == argmax[argmax != 0]).all()
+    assert (tokens == spec(model, feeds)[0].numpy()).all()
 
 
 @pytest.mark.parametrize("N, T", [(0, 6), (0, 1), (3, 1)])
@@ -315,6 +330,14 @@ def test_logit_shift_bounds_every_context_and_falls_back(tiny_checkpoint, splits
         logits = folded(X) - c
     assert logits.max() <= 60 and logits.max(dim=1).values.min() >= -60
 
+    # By hand: logits in [0 +- 5] and [10 +- 1], so the largest lies in [max(-5, 9), max(5, 11)] = [9, 11]
+    head = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[5.0, 0.0], [0.5, -0.5]]))
+        head.bias.copy_(torch.tensor([0.0, 10.0]))
+    assert logit_shift(types.SimpleNamespace(linears=[None], lm_head=head)) == pytest.approx(10.0)
+    assert logit_shift(types.SimpleNamespace(linears=[None], lm_head=head), limit=0.5) is None  # half-width 1
+
     loud = copy.deepcopy(model)
     with torch.no_grad():
         loud.lm_head.weight.mul_(50)  # logits up to ~50x larger: no shift is provable
@@ -391,32 +414,39 @@ def test_thin_top_p_boundary_takes_the_exact_path(cpu_engine, tiny_checkpoint, t
             assert rechecked.mean() < 0.2
 
 
-@pytest.mark.parametrize("mismatch", [False, True])
-def test_verify_passes_exact_parity_and_fails_a_mismatch(tiny_model_dir, tmp_path, monkeypatch, capsys, mismatch):
-    """verify's verdict, on a smaller grid: PASS and exit 0 for the exported model; one name per top-p setting
-    that differs from the torch reference (the small requests all match) must make it FAIL with exit 1."""
+@pytest.mark.parametrize("fault", [None, "grid", "small", "logits"])
+def test_verify_passes_exact_parity_and_fails_a_mismatch(tiny_model_dir, tmp_path, monkeypatch, capsys, fault):
+    """verify's verdict, on a smaller grid: PASS and exit 0 for the exported model; FAIL with exit 1 when one
+    name per top-p setting differs from the torch reference (grid), when one small request's name does
+    (small), or when the ONNX logits are off by more than the tolerance (logits)."""
     import functools
 
     import export.verify as verify
 
     monkeypatch.setattr(verify, "GRID", {**verify.GRID, "top_k": [0]})  # 18 settings, 9 of them with top_p 0.9
     monkeypatch.setattr(verify, "names_parity", functools.partial(verify.names_parity, small_requests=30))
-    torch_reference = verify.reference_generate
+    torch_reference, logits_parity = verify.reference_generate, verify.logits_parity
 
     def reference(model, vocab, params, words):
         out = torch_reference(model, vocab, params, words)
-        if mismatch and params.top_p < 1:  # a grid setting: the small requests don't filter
+        # grid settings have seeds below 10**6, the small requests from 10**6 on (and no top-p)
+        if (fault == "grid" and params.top_p < 1) or (fault == "small" and params.seed == 10**6):
             out[-1] = (out[-1][0] + "q", out[-1][1])
         return out
 
+    def logits(*args):
+        lg = logits_parity(*args)
+        return {**lg, "onnx_vs_torch": 2 * verify.LOGIT_TOL} if fault == "logits" else lg
+
     monkeypatch.setattr(verify, "reference_generate", reference)
+    monkeypatch.setattr(verify, "logits_parity", logits)
     rc = verify.main(["--model-dir", str(tiny_model_dir), "--names-per-setting", "3", "--providers", "cpu",
                       "--json", str(tmp_path / "verify.json")])
     names = json.loads((tmp_path / "verify.json").read_text())["cpu"]["names"]
     small = names["small_requests"]
-    assert small["requests"] == 30 and small["identical"] == small["names"]
-    assert names["names"] == 18 * 3 and names["identical"] == names["names"] - 9 * mismatch
-    assert rc == (1 if mismatch else 0) and capsys.readouterr().out.endswith("FAIL\n" if mismatch else "PASS\n")
+    assert small["requests"] == 30 and small["identical"] == small["names"] - (fault == "small")
+    assert names["names"] == 18 * 3 and names["identical"] == names["names"] - 9 * (fault == "grid")
+    assert rc == (1 if fault else 0) and capsys.readouterr().out.endswith("FAIL\n" if fault else "PASS\n")
 
 
 @pytest.mark.parametrize("module, args", [

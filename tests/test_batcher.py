@@ -140,6 +140,8 @@ def test_batcher_bounds_pending_names(engine):
             assert all(isinstance(e, QueueFull) and "names pending" in str(e) for e in out[1:])
             assert b.pending == 0 and b.pending_names == 0
             assert len(await submit(b, engine, 3000, seed=1)) == 3000  # the queue has emptied: room again
+            # More names than the bound, on an empty queue: admitted (else it would be refused forever)
+            assert len(await submit(b, engine, 7000, seed=2)) == 7000
 
     asyncio.run(main())
 
@@ -283,6 +285,25 @@ def test_jobs_past_their_deadline_or_done_get_no_rows(engine):
             with pytest.raises(DeadlineExceeded):
                 late.future.result()
             assert ended.future.result() == []
+
+    asyncio.run(main())
+
+
+def test_a_submit_timeout_fails_the_job_in_the_queue(engine):
+    """submit(timeout=...) gives the job a deadline: past it while queued behind a long run, the job fails with
+    DeadlineExceeded and gets no model run (gRPC may not have cancelled it yet)."""
+    from service.scheduling import DeadlineExceeded
+
+    async def main():
+        eng = GatedEngine(engine, hold_rows=1000)
+        async with running(Batcher(eng, max_batch_rows=0, max_queue=100)) as b:
+            async with holding(b, eng, rows=3000, seed=1) as big:
+                late = asyncio.ensure_future(b.submit(engine.request(GenerateParams(num_samples=5, seed=2), 100), 5,
+                                                      timeout=0.01))
+                await asyncio.sleep(0.05)
+            with pytest.raises(DeadlineExceeded):
+                await late
+            assert len(await big) == 3000 and 2 not in eng.rows
 
     asyncio.run(main())
 

@@ -113,6 +113,18 @@ def test_rows_wanted_sizes_each_draw(cpu_engine):
     assert new.rows_wanted(16_384) == ONLY_NEW_PROBE  # the first draws stop at the probe
 
 
+def test_only_new_budget_and_give_up_threshold(cpu_engine):
+    """100 draws per name (at least the probe's), and at the probe, giving up only under 0.5% new names."""
+    assert cpu_engine.request(P(num_samples=1000, seed=1, only_new=True)).max_draws == 100_000
+    assert cpu_engine.request(P(num_samples=5, seed=1, only_new=True)).max_draws == ONLY_NEW_PROBE
+    for found, hopeless in ((50, False), (49, True)):  # 50 in 10,000 draws is 0.5%
+        req = cpu_engine.request(P(num_samples=1000, seed=1, only_new=True))
+        req.drawn = ONLY_NEW_PROBE
+        new = [f"zq{i}" for i in range(found)]  # (not training names)
+        assert len(cpu_engine._accept(req, new, np.zeros(found, np.float32))) == found
+        assert (req.error is not None) == hopeless
+
+
 def test_only_new_hopeless_request_stops_early(cpu_engine):
     # "emma" cut at 4 characters is a training name, and no other name can come out: 0% new. The budget
     # would allow 100 draws per name (500,000 here); the request stops at the probe instead.
@@ -145,6 +157,7 @@ def test_only_new_hopeless_request_stops_early(cpu_engine):
         (dict(only_new="yes"), "only_new"),
         (dict(prefix="Ab"), "prefix"),
         (dict(prefix="a.b"), "prefix"),
+        (dict(prefix=["a"]), "prefix"),  # (a Python caller's mistake: the proto only carries strings)
         (dict(prefix="abcdef", max_length=5), "prefix"),
         (dict(max_length=0), "max_length"),
         (dict(max_length=MAX_LENGTH_LIMIT + 1), "max_length"),
@@ -185,6 +198,8 @@ def test_invalid_score_names(cpu_engine):
                 ["emma"] * 1000 + ["zoe!"]):
         with pytest.raises(InvalidArgument, match="names"):
             cpu_engine.score(bad)
+    assert len(cpu_engine.score(["a" * MAX_SCORE_NAME])[0][1]) == MAX_SCORE_NAME + 1  # the limits themselves pass
+    assert cpu_engine.check_score_names(["ab"] * (MAX_SCORE_CHARS // 2)) == MAX_SCORE_CHARS * 3 // 2
 
 
 def test_random_seed_is_reported(cpu_engine):

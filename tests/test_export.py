@@ -33,6 +33,7 @@ def test_fold_deep_model_with_nontrivial_statistics():
         torch.nn.init.uniform_(bn.bias, -1, 1)
     for _ in range(3):
         m(X)
+    m.batchnorms()[1].eps = 0.3  # a fold that ignored eps (1e-5 by default, too small to show) would be off here
     m.eval()
     assert max_logit_diff(m, fold_batchnorm(m), X) <= 1e-5
     assert not m.training  # folding doesn't change the model's mode

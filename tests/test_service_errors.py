@@ -62,11 +62,13 @@ def test_generate_over_max_samples(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_samples" in e.value.details()
 
 
-@pytest.mark.parametrize("kw", [dict(chunk_size=0), dict(chunk_size=50_001)])
-def test_stream_invalid_chunk_size(stub, kw):
+@pytest.mark.parametrize("bad, edge", [(0, 1), (50_001, 50_000)])
+def test_stream_invalid_chunk_size(stub, bad, edge):
     with pytest.raises(grpc.RpcError) as e:
-        list(stub.GenerateStream(pb.GenerateRequest(num_samples=5, **kw), timeout=10))
+        list(stub.GenerateStream(pb.GenerateRequest(num_samples=5, chunk_size=bad), timeout=10))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_size" in e.value.details()
+    ok = list(stub.GenerateStream(pb.GenerateRequest(num_samples=5, chunk_size=edge), timeout=10))  # the range's end
+    assert sum(len(r.samples) for r in ok) == 5
 
 
 @pytest.mark.parametrize("method, streaming", [("Generate", False), ("GenerateStream", True), ("Score", False),

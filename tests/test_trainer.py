@@ -197,6 +197,18 @@ def test_train_cli_bad_settings_are_usage_errors(flag, value, capsys, tmp_path):
     assert exc.value.code == 2 and flag in capsys.readouterr().err
 
 
+def test_the_ends_of_each_setting_range_are_accepted():
+    """The values just inside the ranges whose outsides the test above rejects."""
+    from trainer.model import MAX_BATCH, MAX_BLOCK_SIZE
+    from trainer.recipe import TrainConfig, config_error
+
+    for mc, tc in [(ModelConfig(block_size=MAX_BLOCK_SIZE), TrainConfig()), (ModelConfig(), TrainConfig(batch_size=2)),
+                   (ModelConfig(), TrainConfig(batch_size=MAX_BATCH, seed=2**64 - 1)),
+                   (ModelConfig(), TrainConfig(decay_at=1.0, warmup=0, lr_final=0.0, ema=0.0)),
+                   (ModelConfig(), TrainConfig(decay_at=0.0, steps=1, eval_every=1, record_every=1))]:
+        assert config_error(mc, tc) is None, (mc, tc)
+
+
 def test_train_cli_unwritable_out_dir_fails_before_training(tmp_path, capsys):
     from trainer.train import main
 

@@ -89,9 +89,10 @@ def check_server(cfg):
 def run_step(cfg, concurrency, pool):
     procs = min(cfg["procs"], concurrency)
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    quotas = [0] * procs
-    if cfg["requests"]:
-        quotas = [max(1, cfg["requests"] * s // concurrency) for s in shares]
+    quotas = [0] * procs  # 0: no count, the duration ends the step
+    if cfg["requests"]:  # split by share, summing to the count (each process at least 1)
+        ends = [cfg["requests"] * sum(shares[: i + 1]) // concurrency for i in range(procs)]
+        quotas = [max(1, b - a) for a, b in zip([0] + ends, ends)]
     t_start = time.monotonic() + (1.0 if pool else 0.1)  # time for spawned processes to connect
     jobs = []
     for i, (share, quota) in enumerate(zip(shares, quotas)):

@@ -26,6 +26,8 @@ def test_generate_defaults_draw_a_seed(stub):
     assert len(a.samples) == 1 and len(b.samples) == 1
     assert a.seed != b.seed  # the server drew (and reported) a fresh seed each time
     assert names_of(gen(stub, seed=a.seed)) == names_of(a)  # the reported seed reproduces the names
+    big = gen(stub, num_samples=5000)  # built in chunks (over UNARY_CHUNK): the seed is reported there too
+    assert big.seed != a.seed and names_of(gen(stub, num_samples=5000, seed=big.seed)) == names_of(big)
 
 
 def test_generate_options(stub, checkpoint):
@@ -45,9 +47,12 @@ def test_model_info(stub, model_dir):
     assert info.block_size >= 1 and info.config["block_size"] == info.block_size
     assert info.provider == "cpu" and info.num_params > 0
     assert "val_loss" in info.metrics
-    assert info.max_samples == 200_000 and info.max_length_limit == 64
+    assert info.max_samples == 200_000 and info.max_stream_samples == 2_000_000 and info.max_length_limit == 64
     if (model_dir / "model.pt").is_file():
+        from trainer.checkpoint import load_checkpoint
+
         assert info.checkpoint_sha256 == sha256_of(model_dir / "model.pt")
+        assert info.num_params == load_checkpoint(model_dir / "model.pt")[0].num_params()
 
 
 def test_health_and_reflection(channel):
@@ -72,6 +77,24 @@ def test_metrics_endpoint(server, stub):
                  "namegen_queue_time_seconds_count", "namegen_batch_rows_count", "namegen_batch_requests_count",
                  "namegen_names_generated_total", "namegen_process_peak_rss_bytes"):
         assert name in text, name
+
+
+def test_metrics_count_each_call_under_its_method_and_code(server, stub):
+    def counts():
+        calls = {(m, c): scrape(server, f'namegen_requests_total{{code="{c}",method="{m}"}}')
+                 for m in ("Generate", "GenerateStream", "Score") for c in ("OK", "INVALID_ARGUMENT")}
+        return calls, scrape(server, "namegen_names_generated_total")
+
+    before, names0 = counts()
+    gen(stub, num_samples=3, seed=1)
+    list(stub.GenerateStream(pb.GenerateRequest(num_samples=5, seed=1, chunk_size=2), timeout=10))
+    stub.Score(pb.ScoreRequest(names=["emma", "ava"]), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        list(stub.GenerateStream(pb.GenerateRequest(num_samples=5, prefix="Q"), timeout=10))
+    after, names1 = counts()
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+        ("Generate", "OK"): 1, ("GenerateStream", "OK"): 1, ("Score", "OK"): 1, ("GenerateStream", "INVALID_ARGUMENT"): 1}
+    assert names1 - names0 == 3 + 5  # names returned by Generate and GenerateStream, not Score's
 
 
 def test_cancelled_stream_stops_drawing(server, channel, stub):

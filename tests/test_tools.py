@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_fixtures import ROOT, free_port, scrape, start_server
+from tests.service_fixtures import ROOT, free_port, gen, names_of, pb, scrape, start_server
 
 
 def run_cli(*args):
@@ -33,6 +33,30 @@ def test_client_cli(server, tmp_path):
     listed.write_text("emma\n\n olivia \n")  # a word list: blank lines skipped, spaces stripped
     r = run_cli("service.client", "--target", server.target, "score", "zoe", "--file", listed)
     assert r.returncode == 0 and [line.split()[0] for line in r.stdout.splitlines()] == ["zoe", "emma", "olivia"], r.stderr
+
+
+def test_client_prints_what_the_server_answered(server, stub, tmp_path):
+    """Each generate line is the reply's name, logprob and training-data tag; the seed line is the reply's;
+    --only-new is sent; a stream file holds the names in order; score prints the reply's total."""
+    for flags, kw in ((["--seed", "9"], dict(seed=9)), (["--seed", "9", "--only-new"], dict(seed=9, only_new=True))):
+        r = run_cli("service.client", "--target", server.target, "generate", "-n", "30", *flags)
+        *lines, seed = r.stdout.splitlines()
+        want = gen(stub, num_samples=30, **kw)
+        assert r.returncode == 0 and seed == "seed: 9", r.stderr
+        assert [line.split() for line in lines] == [
+            [s.name or '""', f"{s.logprob:.4f}", "[train]" if s.in_training_data else "[new]"] for s in want.samples]
+        assert any(s.in_training_data for s in want.samples) != ("--only-new" in flags)
+    r = run_cli("service.client", "--target", server.target, "generate", "-n", "2")
+    drawn = int(r.stdout.splitlines()[-1].removeprefix("seed: "))  # the seed the server drew, reproducing the names
+    assert r.stdout.splitlines()[:-1] == run_cli("service.client", "--target", server.target, "generate", "-n", "2",
+                                                 "--seed", drawn).stdout.splitlines()[:-1]
+    out = tmp_path / "names.txt"
+    r = run_cli("service.client", "--target", server.target, "stream", "-n", "25", "--chunk-size", "10", "--seed", "4",
+                "--out", out)
+    assert r.returncode == 0 and out.read_text().splitlines() == names_of(gen(stub, num_samples=25, seed=4))
+    r = run_cli("service.client", "--target", server.target, "score", "emma", "zzyzx")
+    got = [line.split()[1] for line in r.stdout.splitlines()]
+    assert got == [f"{s.logprob:.4f}" for s in stub.Score(pb.ScoreRequest(names=["emma", "zzyzx"]), timeout=10).scores]
 
 
 def test_client_sends_nfc_text():
@@ -84,6 +108,7 @@ def test_client_stream_keeps_the_out_file_until_it_succeeds(server, tmp_path):
     out.write_text("keep\n")
     r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--prefix", "Q", "--out", out)
     assert r.returncode == 1 and "INVALID_ARGUMENT: prefix" in r.stderr and out.read_text() == "keep\n"
+    assert list(tmp_path.iterdir()) == [out]  # no .part file left behind
     r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--seed", "1", "--out", out)
     assert r.returncode == 0 and len(out.read_text().splitlines()) == 3 and list(tmp_path.iterdir()) == [out]
     r = run_cli("service.client", "--target", server.target, "stream", "-n", "3", "--out", "/dev/null")
@@ -95,8 +120,43 @@ def test_loadtest_cli(server, tmp_path):
     r = run_cli("service.loadtest", "--target", server.target, "--concurrency", "1,4", "--warmup", "0.1",
                 "--duration", "60", "--requests", "50", "--procs", "2", "--json", out)  # the count ends each step
     assert r.returncode == 0, r.stdout + r.stderr
-    steps = json.loads(out.read_text())["steps"]
-    assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] > 0 and not s["errors"] for s in steps)
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert [s["concurrency"] for s in steps] == [1, 4] and all(s["ok"] == 50 and not s["errors"] for s in steps)
+    assert report["config"]["requests"] == 50 and all(s["seconds"] < 30 for s in steps)
+    # Without --requests, the duration ends the step.
+    r = run_cli("service.loadtest", "--target", server.target, "--concurrency", "2", "--warmup", "0.2",
+                "--duration", "1", "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (step,) = json.loads(out.read_text())["steps"]
+    assert step["ok"] > 0 and 0.5 < step["seconds"] <= 1.5
+
+
+def test_loadtest_step_arithmetic():
+    """A step's report from its processes' tallies: percentiles over every OK latency, failed requests counted,
+    rates over the longest process's time, the first message of each error code; --requests split by share."""
+    import random
+
+    from service.loadtest import run_step
+
+    jobs = []
+
+    class Pool:  # the processes' tallies, made up: 100 latencies of 1..100 ms, shuffled over two processes
+        def map(self, fn, args):
+            jobs.extend(args)
+            lat = [i / 1000 for i in range(1, 101)]
+            random.Random(0).shuffle(lat)
+            return [{"lat": lat[:30], "errors": {"UNAVAILABLE": 2}, "details": {"UNAVAILABLE": "first"},
+                     "span": 2.0, "names": 300},
+                    {"lat": lat[30:], "errors": {"UNAVAILABLE": 1, "INVALID_ARGUMENT": 1},
+                     "details": {"UNAVAILABLE": "second", "INVALID_ARGUMENT": "bad"}, "span": 1.0, "names": 700}]
+
+    s = run_step({"procs": 2, "requests": 50, "seed_base": 0}, 3, Pool())
+    assert [(share, quota) for _, share, quota, _ in jobs] == [(2, 33), (1, 17)]
+    assert (s["p50_ms"], s["p90_ms"], s["p99_ms"], s["max_ms"]) == pytest.approx((51, 91, 100, 100))
+    assert (s["requests"], s["ok"], s["seconds"], s["rps"], s["names_per_s"]) == (104, 100, 2.0, 50, 500)
+    assert s["errors"] == {"UNAVAILABLE": 3, "INVALID_ARGUMENT": 1}
+    assert s["error_details"] == {"UNAVAILABLE": "first", "INVALID_ARGUMENT": "bad"}
 
 
 @pytest.mark.parametrize("client", ["sync", "aio"])

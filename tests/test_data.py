@@ -43,6 +43,8 @@ def test_names_txt_env_missing(monkeypatch, tmp_path, capsys):
         (b"emma\n\xff\xfeolivia\n", "not valid UTF-8.*line 2"),
         (b"\xef\xbb\xbfemma\n\xff\n", r"not valid UTF-8 \(byte 8, line 2\)"),  # offsets count the byte-order mark
         (b"emma\nst.john\n", "line 2: .*reserved"),
+        (b".ann\nemma\n", "line 1: .*reserved"),
+        (b"emma\nann.\n", "line 2: .*reserved"),
         (b"emma\nno\x00ra\n", "line 2: .*control characters '\\\\x00'"),
         (b"emma\nno\tra\n", "control characters"),
     ],

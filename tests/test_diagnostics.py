@@ -136,6 +136,14 @@ def test_plot_loss(tmp_path):
     assert_png(plots.plot_loss(losses[:10], tmp_path / "short.png", val=()))  # < one window, no val yet
 
 
+def test_suggested_lr_and_saturation_by_hand():
+    from trainer.lr_sweep import BACKOFF, suggest_lr
+
+    # the minimum of the (here unsmoothed) loss, backed off
+    assert suggest_lr([0.01, 0.1, 1.0], [3.0, 2.0, 5.0], smooth_frac=0.01) == pytest.approx(0.1 / BACKOFF)
+    assert plots.saturation(torch.tensor([-0.99, 0.99, 0.5, -0.5, 0.97, -0.97])) == pytest.approx(2 / 6)  # |t| > 0.97
+
+
 def test_lr_sweep_short(cfg, splits, vocab, tmp_path):
     X, Y = build_examples(splits["train"][:2000], vocab, cfg.block_size)
     lrs, losses, suggested = lr_sweep(cfg, X, Y, steps=300, lo=1e-3, hi=1.0)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from trainer.bigram import bigram_counts, bigram_nll
 from trainer.dataset import Vocab, build_examples, split_words
 from trainer.model import MLP, ModelConfig
 
@@ -171,9 +172,12 @@ def test_train_cli_writes_artifacts_and_every_plot(tmp_path):
 
     model, vocab, ckpt = load_checkpoint(tmp_path / "model.pt")
     assert ckpt["split_seed"] == 7 and ckpt["train_config"]["steps"] == 400
-    val = split_words(ckpt["words"], 7)["val"]
-    X, Y = build_examples(val, vocab, model.cfg.block_size)
-    assert evaluate(model, X, Y) == pytest.approx(metrics["val_loss"], abs=1e-6)
+    splits = split_words(ckpt["words"], 7)
+    for k in ("train", "val", "test"):  # each loss on its own split, the bigram's fitted on train only
+        X, Y = build_examples(splits[k], vocab, model.cfg.block_size)
+        assert evaluate(model, X, Y) == pytest.approx(metrics[f"{k}_loss"], abs=1e-6), k
+        assert metrics[f"bigram_{k}_loss"] == pytest.approx(
+            bigram_nll(bigram_counts(splits["train"], vocab), splits[k], vocab), abs=1e-9), k
     for name in PLOTS:
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
@@ -195,6 +199,28 @@ def test_train_cli_bad_settings_are_usage_errors(flag, value, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--steps", "1", "--out-dir", str(tmp_path), "--no-progress", flag, value, "--no-plots"])
     assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_training_follows_the_schedule_and_marks_samples(monkeypatch):
+    """Each step sets the optimizer's lr from the schedule (the last step's is lr_final); the init leaves
+    BatchNorm at identity (gain 1, shift 0); AdamW takes the recipe's betas; samples are marked by split."""
+    import trainer.train as tr
+    from trainer.recipe import TrainConfig, make_optimizer
+
+    made = []
+    monkeypatch.setattr(tr, "make_optimizer", lambda m, tc: made.append(make_optimizer(m, tc)) or made[-1])
+    torch.manual_seed(0)
+    m = MLP(ModelConfig(n_hidden=16))
+    assert all((bn.weight == 1).all() and (bn.bias == 0).all() for bn in m.batchnorms())
+    X, Y = torch.randint(0, 27, (200, 3)), torch.randint(0, 27, (200,))
+    xy = {"train": (X, Y), "val": (X, Y)}
+    tr.train(m, xy, TrainConfig(steps=20, lr=0.1, lr_final=0.01, decay_at=0.5, eval_every=20, calibrate_bn=False),
+             progress=False)
+    assert made[0].param_groups[0]["lr"] == 0.01
+    adamw = make_optimizer(m, TrainConfig(optimizer="adamw", weight_decay=0.1))
+    assert adamw.defaults["betas"] == (0.9, 0.99) and [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
+    assert tr.mark_samples(["a", "b", "c", "z"], {"train": ["a"], "val": ["b"], "test": ["c"]}) == [
+        ("a", "train"), ("b", "val/test"), ("c", "val/test"), ("z", "new")]
 
 
 def test_the_ends_of_each_setting_range_are_accepted():

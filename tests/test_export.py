@@ -11,7 +11,7 @@ import torch
 from export.fold import float64_reference, fold_batchnorm, max_logit_diff
 from export.reference import reference_generate
 from service.params import FLOAT32_TINY, MAX_TEMPERATURE, GenerateParams
-from trainer.dataset import build_examples
+from trainer.dataset import build_examples, split_words
 from trainer.model import MLP, ModelConfig
 from trainer.sampling import sample_reference
 
@@ -82,6 +82,12 @@ def test_export_report_and_fold_check(tiny_model_dir, tiny_checkpoint, splits, t
     report = ex.main(["--checkpoint", str(tiny_model_dir / "model.pt"), "--out-dir", str(tmp_path / "ok")])
     assert report.val_examples == len(build_examples(splits["val"], vocab, model.cfg.block_size)[0])
     assert 1e-9 < report.fold_max_abs_logit_diff <= ex.FOLD_TOLERANCE  # float32 rounding, not float64's
+    ckpt = torch.load(tiny_model_dir / "model.pt", weights_only=True)
+    torch.save({**ckpt, "split_seed": 7}, tmp_path / "seed7.pt")  # checked on the split it was trained with
+    report = ex.main(["--checkpoint", str(tmp_path / "seed7.pt"), "--out-dir", str(tmp_path / "seed7")])
+    val7 = split_words(ckpt["words"], 7)["val"]
+    val42 = len(build_examples(splits["val"], vocab, model.cfg.block_size)[0])
+    assert report.val_examples == len(build_examples(val7, vocab, model.cfg.block_size)[0]) != val42
     monkeypatch.setattr(ex, "folded_logit_error", lambda *args: 2 * ex.FOLD_TOLERANCE)
     with pytest.raises(SystemExit, match="^error: folding changed the logits by 2.00e-05 > 1e-05; refusing to export$"):
         ex.main(["--checkpoint", str(tiny_model_dir / "model.pt"), "--out-dir", str(tmp_path / "refused")])
@@ -96,7 +102,8 @@ def test_onnx_artifacts_and_metadata(tiny_model_dir, tiny_checkpoint):
         props = {p.key: p.value for p in m.metadata_props}
         meta = json.loads(props["namegen"])
         assert meta["vocab"] == vocab.itos and meta["block_size"] == model.cfg.block_size
-        assert meta["config"] == ckpt["model_config"] and meta["metrics"]["val_loss"] == ckpt["metrics"]["val_loss"]
+        assert meta["config"] == ckpt["model_config"] and meta["num_params"] == model.num_params()
+        assert meta["metrics"] == {k: v for k, v in ckpt["metrics"].items() if k != "val_curve"}  # (the curve: its plot)
         import hashlib
 
         assert meta["checkpoint_sha256"] == hashlib.sha256((tiny_model_dir / "model.pt").read_bytes()).hexdigest()
@@ -448,6 +455,32 @@ def test_verify_passes_exact_parity_and_fails_a_mismatch(tiny_model_dir, tmp_pat
     assert small["requests"] == 30 and small["identical"] == small["names"] - (fault == "small")
     assert names["names"] == 18 * 3 and names["identical"] == names["names"] - 9 * (fault == "grid")
     assert rc == (1 if fault else 0) and capsys.readouterr().out.endswith("FAIL\n" if fault else "PASS\n")
+
+
+def test_bench_summary_and_latency_arithmetic(monkeypatch, capsys):
+    """The bench's ratios per round (the engine's best batch against the one-at-a-time loop and against the
+    best torch batched run, reference sampler included) and its single-name percentiles, on made-up timings."""
+    import random
+
+    import export.bench as bench
+
+    a, ref, plain = "torch one-at-a-time (a)", "torch reference batched (b)", "torch plain batched (b)"
+    eng = "onnx engine cpu (c)"
+    plan = [(a, 1, None, 1), (ref, 64, None, 64), (plain, 64, None, 64), (eng, 1, None, 1), (eng, 64, None, 64)]
+    rounds = [({(a, 1): 100, (ref, 64): 2000, (plain, 64): 1000, (eng, 1): 500, (eng, 64): 50_000}, {"cpu": (0.3, 0.5)}),
+              ({(a, 1): 200, (ref, 64): 1000, (plain, 64): 4000, (eng, 1): 400, (eng, 64): 40_000}, {"cpu": (0.2, 0.6)})]
+    res = bench.summarize(rounds, plan, {"cpu": None}, 2)["engine_cpu"]
+    assert res["best_batch"] == 64
+    assert res["vs_one_at_a_time"] == {"median": 350.0, "min": 200.0, "max": 500.0}  # 50,000 / 100, 40,000 / 200
+    assert res["vs_best_torch_batched"] == {"median": 17.5, "min": 10.0, "max": 25.0}  # / 2,000 (ref), / 4,000
+    assert res["single_name_p50_ms"]["median"] == pytest.approx(0.25) and res["single_name_p99_ms"]["max"] == 0.6
+    capsys.readouterr()
+
+    durations = [1.0] * 100 + random.Random(0).sample([k / 1000 for k in range(1, 201)], 200)  # warm-up, then 1..200 ms
+    clock = iter(np.cumsum([0.0] + [d for x in durations for d in (x, 0.0)]))
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    p50, p99 = bench.single_latency(types.SimpleNamespace(generate=lambda p: None), calls=300)
+    assert (p50, p99) == pytest.approx((100.5, 198.01))  # np.percentile of 1..200 ms; the first 100 calls left out
 
 
 @pytest.mark.parametrize("module, args", [

@@ -29,10 +29,13 @@ SERVICE = "namegen.v1.NameGenerator"
 
 
 class ServerProcess:
-    """`python -m service.server` in a subprocess; stdout and stderr are collected by threads."""
+    """`python -m service.server` in a subprocess; stdout and stderr are collected by threads. prelude: Python
+    code run first instead (`python -c`), e.g. to replace the engine's warm-up."""
 
-    def __init__(self, model_dir, *args):
-        self.cmd = [sys.executable, "-m", "service.server", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+    def __init__(self, model_dir, *args, prelude=None):
+        run = ["-m", "service.server"] if prelude is None else \
+            ["-c", f"{prelude}\nfrom data.files import cli\nfrom service.server import main\ncli(main)"]
+        self.cmd = [sys.executable, *run, "--model-dir", str(model_dir), "--host", "127.0.0.1",
                     "--port", "0", "--provider", "cpu", *map(str, args)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

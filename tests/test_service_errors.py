@@ -249,6 +249,32 @@ def test_metrics_port_in_use_fails_before_listening(model_dir):
     assert len(p.stderr) == 1 and p.stderr[0].startswith("error: cannot serve metrics on 127.0.0.1:"), p.stderr
 
 
+def test_serving_only_after_warm_up_and_a_failed_warm_up_exits_1(model_dir, tmp_path):
+    """Health says NOT_SERVING while the model warms up (the port is open already), SERVING after; a model that
+    loads but can't run exits 1 with one line."""
+    go = tmp_path / "go"
+    held = (f"import pathlib, time, service.engine\n"
+            f"def warmup(self):\n    while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+            f"service.engine.Engine.warmup = warmup")
+    p = ServerProcess(model_dir, prelude=held)
+    try:
+        p.wait_listening()
+        with grpc.insecure_channel(p.target) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+        assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        go.touch()
+        p.wait_serving()
+    finally:
+        go.touch()  # (a failed assertion above: the warm-up ends, so SIGTERM can drain)
+        assert p.stop() == 0
+    failing = ("import service.engine\n"
+               "def warmup(self):\n    raise RuntimeError('no kernel for this op')\n"
+               "service.engine.Engine.warmup = warmup")
+    p = ServerProcess(model_dir, prelude=failing)
+    assert p.wait(60) == 1
+    assert p.stderr[-1] == "error: warm-up failed: RuntimeError: no kernel for this op", p.stderr
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "missing", "retrained"])
 def test_bad_model_file_exits_with_one_line(model_dir, tmp_path, damage):
     bad = tmp_path / "model"

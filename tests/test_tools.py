@@ -132,6 +132,21 @@ def test_loadtest_cli(server, tmp_path):
     assert step["ok"] > 0 and 0.5 < step["seconds"] <= 1.5
 
 
+def test_loadtest_tally_counts_after_the_warm_up_up_to_the_quota():
+    import time
+
+    from service.load_workers import Tally
+
+    cfg = dict(warmup=60, duration=60, rpc="generate", names=3, max_length=10, only_new=True, seed=None, seed_base=5)
+    t = Tally(cfg, quota=2, t_start=time.monotonic())
+    req, counted = t.next()
+    assert not counted and req.only_new and req.num_samples == 3 and req.seed == 5  # warming up
+    t.record(counted, 0.5, 3, None)
+    assert t.lat == [] and t.names == 0 and t.started == 0
+    t = Tally(cfg | dict(warmup=0), quota=2, t_start=time.monotonic())
+    assert [t.next()[1], t.next()[1], t.next()] == [True, True, None]  # the quota ends the step
+
+
 def test_loadtest_step_arithmetic():
     """A step's report from its processes' tallies: percentiles over every OK latency, failed requests counted,
     rates over the longest process's time, the first message of each error code; --requests split by share."""
@@ -196,9 +211,10 @@ def test_loadtest_without_a_server(rpc):
     assert "make serve" in r.stderr and "conc" not in r.stdout and "Traceback" not in r.stderr
 
 
-def test_loadtest_reports_why_requests_failed(server):
+@pytest.mark.parametrize("client", ["sync", "aio"])
+def test_loadtest_reports_why_requests_failed(server, client):
     r = run_cli("service.loadtest", "--target", server.target, "--max-length", "65", "--warmup", "0",
-                "--duration", "60", "--requests", "5")
+                "--duration", "60", "--requests", "5", "--client", client)
     assert r.returncode == 1, r.stdout + r.stderr  # nothing succeeded
     assert "INVALID_ARGUMENT=5" in r.stdout and "INVALID_ARGUMENT: max_length: must be in" in r.stdout
 

@@ -174,6 +174,20 @@ def test_loadtest_step_arithmetic():
     assert s["error_details"] == {"UNAVAILABLE": "first", "INVALID_ARGUMENT": "bad"}
 
 
+@pytest.mark.parametrize("oks, rc", [([5, 0], 1), ([0, 5], 1), ([5, 5], 0)])
+def test_loadtest_fails_when_any_step_had_no_success(monkeypatch, capsys, oks, rc):
+    import service.loadtest as lt
+
+    made = iter(oks)
+    monkeypatch.setattr(lt, "check_server", lambda cfg: None)
+    monkeypatch.setattr(lt, "worker_pool", lambda procs: None)
+    monkeypatch.setattr(lt, "run_step", lambda cfg, c, pool: {
+        "concurrency": c, "requests": 5, "ok": (ok := next(made)), "rps": ok, "names_per_s": ok, "p50_ms": None,
+        "p90_ms": None, "p99_ms": None, "errors": {} if ok else {"UNAVAILABLE": 5}, "error_details": {}})
+    assert lt.main(["--concurrency", "1,2"]) == rc
+    assert len(capsys.readouterr().out.splitlines()) == 4  # the settings, the header, a row per step
+
+
 @pytest.mark.parametrize("client", ["sync", "aio"])
 def test_loadtest_balances_replicas(server, model_dir, tmp_path, client):
     """Several targets: round_robin sends each replica a share of the requests (both sync and aio clients)."""

@@ -36,6 +36,33 @@ def test_unwritable_names_the_flag_and_the_reason(tmp_path):
     assert "not a writable folder" in unwritable(tmp_path / "file" / "a.png", "--out", create=True)
 
 
+def test_unwritable_without_permission(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # (the tests may run as root, who may write anywhere)
+    assert "not a writable folder" in unwritable(tmp_path / "a.json", "--json")
+
+
+def test_stubs_are_regenerated_when_missing_or_older_than_the_proto(tmp_path, monkeypatch):
+    import os
+
+    from service import gen_proto
+
+    proto, out = tmp_path / "namegen.proto", tmp_path / "namegen_pb"
+    proto.write_text("")
+    out.mkdir()
+    monkeypatch.setattr(gen_proto, "PROTO", proto)
+    monkeypatch.setattr(gen_proto, "OUT", out)
+    assert gen_proto.stale()  # no stubs
+    for name in gen_proto.STUBS:
+        (out / name).write_text("")
+        os.utime(out / name, (1000, 1000))
+    os.utime(proto, (2000, 2000))
+    assert gen_proto.stale()  # the proto changed since
+    os.utime(proto, (500, 500))
+    assert not gen_proto.stale()
+
+
 def test_cli_exit_status_and_interrupt(capsys, monkeypatch):
     import signal
 

@@ -1,6 +1,7 @@
 """Dynamic batching in-process (the real engine, no gRPC): who gets which model run, express runs beside a
 long run, bounds, cancellation, bugs that must fail their jobs rather than hang them, busy polling."""
 import asyncio
+import types
 
 import pytest
 
@@ -304,6 +305,46 @@ def test_a_submit_timeout_fails_the_job_in_the_queue(engine):
             with pytest.raises(DeadlineExceeded):
                 await late
             assert len(await big) == 3000 and 2 not in eng.rows
+
+    asyncio.run(main())
+
+
+def test_stream_chunks_draw_one_ahead_and_stop_drawing_when_closed():
+    """The servicer's stream feed: chunk k+1 is drawn while chunk k is sent, and a closed stream (the client went
+    away) cancels its pending draw instead of leaving it to run. A fake batcher counts the draws."""
+    from service.servicer import NameGeneratorServicer
+
+    class FakeBatcher:
+        calls = cancelled = 0
+
+        async def submit(self, req, rows, timeout, admitted=False, reserved=False):
+            self.calls += 1
+            if self.calls > 2:  # the third draw hangs until cancelled
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    self.cancelled += 1
+                    raise
+            req.remaining -= rows
+            return ["x"] * rows
+
+    class Req:
+        remaining = 50
+        done = property(lambda self: self.remaining <= 0)
+
+    async def main():
+        servicer = NameGeneratorServicer.__new__(NameGeneratorServicer)  # (only its batcher is used)
+        servicer.batcher = b = FakeBatcher()
+        chunks = servicer._chunks(Req(), 10, types.SimpleNamespace(time_remaining=lambda: None))
+        assert len(await chunks.__anext__()) == 10
+        await asyncio.sleep(0.01)
+        assert b.calls == 2  # the second chunk is drawn while the first is sent
+        assert len(await chunks.__anext__()) == 10
+        await asyncio.sleep(0.01)
+        assert b.calls == 3
+        await chunks.aclose()
+        await asyncio.sleep(0.01)
+        assert b.cancelled == 1
 
     asyncio.run(main())
 

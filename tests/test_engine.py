@@ -202,6 +202,17 @@ def test_invalid_score_names(cpu_engine):
     assert cpu_engine.check_score_names(["ab"] * (MAX_SCORE_CHARS // 2)) == MAX_SCORE_CHARS * 3 // 2
 
 
+def test_sessions_run_single_threaded_and_read_an_empty_word_list(tiny_model_dir):
+    import types
+
+    from service.session import make_session, read_metadata
+
+    opts = make_session(tiny_model_dir / "model.onnx", "cpu")[0].get_session_options()
+    assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1  # row shards run in parallel instead
+    meta = types.SimpleNamespace(custom_metadata_map={"namegen": '{"vocab": ".ab", "block_size": 3}', "words": ""})
+    assert read_metadata(types.SimpleNamespace(get_modelmeta=lambda: meta), "x")["words"] == []  # not [""]
+
+
 def test_random_seed_is_reported(cpu_engine):
     r = cpu_engine.request(P(num_samples=3))
     assert r.params.seed is not None

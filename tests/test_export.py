@@ -58,10 +58,11 @@ def test_export_refuses_a_diverged_checkpoint_and_an_unwritable_folder(tiny_mode
     from trainer.checkpoint import CheckpointError
 
     ckpt = torch.load(tiny_model_dir / "model.pt", weights_only=True)
-    ckpt["state_dict"]["lm_head.weight"][0, 0] = float("nan")  # what a run at too high a learning rate leaves
-    torch.save(ckpt, tmp_path / "nan.pt")
-    with pytest.raises(CheckpointError, match="NaN or infinite"):
-        export(tmp_path / "nan.pt", tmp_path / "out")
+    for bad in ("nan", "inf"):
+        ckpt["state_dict"]["lm_head.weight"][0, 0] = float(bad)  # what a run at too high a learning rate leaves
+        torch.save(ckpt, tmp_path / "diverged.pt")
+        with pytest.raises(CheckpointError, match="NaN or infinite"):
+            export(tmp_path / "diverged.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     m = MLP(ModelConfig(n_hidden=8)).eval()
     broken = copy.deepcopy(m)
@@ -77,11 +78,14 @@ def test_export_report_and_fold_check(tiny_model_dir, tiny_checkpoint, splits, t
     """The fold check runs on the whole val split, in float32 as inference runs it, and a fold off by more
     than the tolerance is refused with a one-line error and nothing written."""
     import export.export as ex
+    from export.fold import fold_for_export
+    from export.graphs import logit_shift
 
     model, vocab, _ = tiny_checkpoint
     report = ex.main(["--checkpoint", str(tiny_model_dir / "model.pt"), "--out-dir", str(tmp_path / "ok")])
     assert report.val_examples == len(build_examples(splits["val"], vocab, model.cfg.block_size)[0])
     assert 1e-9 < report.fold_max_abs_logit_diff <= ex.FOLD_TOLERANCE  # float32 rounding, not float64's
+    assert report.fast_path_logit_shift == logit_shift(fold_for_export(model)) is not None
     ckpt = torch.load(tiny_model_dir / "model.pt", weights_only=True)
     torch.save({**ckpt, "split_seed": 7}, tmp_path / "seed7.pt")  # checked on the split it was trained with
     report = ex.main(["--checkpoint", str(tmp_path / "seed7.pt"), "--out-dir", str(tmp_path / "seed7")])

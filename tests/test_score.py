@@ -35,6 +35,10 @@ def test_score_invalid_argument(stub, channel, names):
     assert_healthy(channel, stub)
 
 
+def test_score_at_the_name_limit(stub):
+    assert len(stub.Score(pb.ScoreRequest(names=["x"] * 200_000), timeout=60).scores) == 200_000  # --max-samples
+
+
 def test_score_message_larger_than_any_valid_call(stub, channel):
     """gRPC refuses it before it is parsed (a flood of them can't take the server's memory)."""
     with pytest.raises(grpc.RpcError) as e:
@@ -52,6 +56,7 @@ def test_receive_limit_fits_the_largest_valid_score_calls():
         many = pb.ScoreRequest(names=[c * (MAX_SCORE_CHARS // 100_000)] * 100_000).ByteSize()
         long = pb.ScoreRequest(names=[c * MAX_SCORE_NAME] * (MAX_SCORE_CHARS // MAX_SCORE_NAME)).ByteSize()
         assert max(many, long) <= limit < 2 * max(many, long)
+    assert receive_limit([".", "a"], 2**31 - 1) == 2**31 - 1  # gRPC's option is an int32
 
 
 def test_score_in_several_engine_calls(stub, engine):

@@ -217,6 +217,41 @@ def test_sigterm_drains_in_flight_stream(model_dir, loop, sig):
     assert any(f"event-loop={'uvloop' if uv and loop == 'auto' else 'asyncio'} " in line for line in s.stdout)
 
 
+def test_a_second_signal_cuts_the_drain_short(model_dir):
+    """A stream whose client stopped reading would hold the drain for --grace (60 s); a second SIGTERM cancels it."""
+    s = start_server(model_dir, "--grace", 60)
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            it = pb_grpc.NameGeneratorStub(ch).GenerateStream(
+                pb.GenerateRequest(num_samples=2_000_000, seed=1, chunk_size=1000), timeout=120)
+            next(it)  # in flight; the client reads no more
+            s.signal(signal.SIGTERM)
+            time.sleep(1)
+            s.signal(signal.SIGTERM)
+            assert s.wait(20) == 0
+    finally:
+        s.stop(timeout=5)
+    assert any("again: cancelling" in line for line in s.stdout), s.stdout
+
+
+def test_a_signal_during_warm_up_drains_without_serving(model_dir, tmp_path):
+    go = tmp_path / "go"
+    held = (f"import pathlib, time, service.engine\n"
+            f"def warmup(self):\n    while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+            f"service.engine.Engine.warmup = warmup")
+    p = ServerProcess(model_dir, prelude=held)
+    try:
+        p.wait_listening()
+        p.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        go.touch()  # the warm-up ends after the signal
+        assert p.wait(30) == 0
+    finally:
+        go.touch()
+        p.stop(timeout=5)
+    assert not any(line.startswith("serving (provider") for line in p.stdout), p.stdout
+
+
 @pytest.mark.parametrize("flag, value", [("--threads", -1), ("--max-batch-rows", -5), ("--max-queue", 0),
                                          ("--max-samples", 0), ("--provider", "tpu"), ("--port", "x"),
                                          ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1),

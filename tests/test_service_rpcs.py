@@ -165,6 +165,11 @@ def test_same_seed_regardless_of_batch_composition(stub):
                 f.result()
 
 
+def test_stream_default_chunk_size(stub):
+    chunks = list(stub.GenerateStream(pb.GenerateRequest(num_samples=25_000, seed=1), timeout=60))
+    assert [len(c.samples) for c in chunks] == [10_000, 10_000, 5_000]
+
+
 def test_stream_100k_in_chunks(server, stub):
     queued0, names0 = scrape(server, "namegen_queue_time_seconds_count"), scrape(server, "namegen_names_generated")
     chunks = list(stub.GenerateStream(pb.GenerateRequest(num_samples=100_000, seed=21, chunk_size=10_000), timeout=120))

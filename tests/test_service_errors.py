@@ -234,12 +234,16 @@ def test_a_second_signal_cuts_the_drain_short(model_dir):
     assert any("again: cancelling" in line for line in s.stdout), s.stdout
 
 
+def warm_up_until(path):
+    """A ServerProcess prelude: the engine's warm-up lasts until `path` exists."""
+    return (f"import pathlib, time, service.engine\n"
+            f"def warmup(self):\n    while not pathlib.Path({str(path)!r}).exists(): time.sleep(0.01)\n"
+            f"service.engine.Engine.warmup = warmup")
+
+
 def test_a_signal_during_warm_up_drains_without_serving(model_dir, tmp_path):
     go = tmp_path / "go"
-    held = (f"import pathlib, time, service.engine\n"
-            f"def warmup(self):\n    while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
-            f"service.engine.Engine.warmup = warmup")
-    p = ServerProcess(model_dir, prelude=held)
+    p = ServerProcess(model_dir, prelude=warm_up_until(go))
     try:
         p.wait_listening()
         p.signal(signal.SIGTERM)
@@ -288,10 +292,7 @@ def test_serving_only_after_warm_up_and_a_failed_warm_up_exits_1(model_dir, tmp_
     """Health says NOT_SERVING while the model warms up (the port is open already), SERVING after; a model that
     loads but can't run exits 1 with one line."""
     go = tmp_path / "go"
-    held = (f"import pathlib, time, service.engine\n"
-            f"def warmup(self):\n    while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
-            f"service.engine.Engine.warmup = warmup")
-    p = ServerProcess(model_dir, prelude=held)
+    p = ServerProcess(model_dir, prelude=warm_up_until(go))
     try:
         p.wait_listening()
         with grpc.insecure_channel(p.target) as ch:

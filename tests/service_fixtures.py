@@ -183,10 +183,14 @@ def scrape(server, prefix):
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
+def rpcs_counted(server, method, code):
+    """How many RPCs of the method the server counted with this status code (its metrics)."""
+    return scrape(server, f'namegen_requests_total{{code="{code}",method="{method}"}}')
+
+
 def stopped_early(server, method):
     """(DEADLINE_EXCEEDED, CANCELLED): how many of the method's RPCs the server counted as each."""
-    return tuple(scrape(server, f'namegen_requests_total{{code="{c}",method="{method}"}}')
-                 for c in ("DEADLINE_EXCEEDED", "CANCELLED"))
+    return tuple(rpcs_counted(server, method, c) for c in ("DEADLINE_EXCEEDED", "CANCELLED"))
 
 
 def wait_for_stop(server, method, before):

@@ -234,11 +234,14 @@ def test_a_second_signal_cuts_the_drain_short(model_dir):
     assert any("again: cancelling" in line for line in s.stdout), s.stdout
 
 
+def warm_up_as(body):
+    """A ServerProcess prelude: the engine's warm-up runs `body` (one line of Python) instead."""
+    return f"import pathlib, time, service.engine\ndef warmup(self):\n    {body}\nservice.engine.Engine.warmup = warmup"
+
+
 def warm_up_until(path):
     """A ServerProcess prelude: the engine's warm-up lasts until `path` exists."""
-    return (f"import pathlib, time, service.engine\n"
-            f"def warmup(self):\n    while not pathlib.Path({str(path)!r}).exists(): time.sleep(0.01)\n"
-            f"service.engine.Engine.warmup = warmup")
+    return warm_up_as(f"while not pathlib.Path({str(path)!r}).exists(): time.sleep(0.01)")
 
 
 def test_a_signal_during_warm_up_drains_without_serving(model_dir, tmp_path):
@@ -303,10 +306,7 @@ def test_serving_only_after_warm_up_and_a_failed_warm_up_exits_1(model_dir, tmp_
     finally:
         go.touch()  # (a failed assertion above: the warm-up ends, so SIGTERM can drain)
         assert p.stop() == 0
-    failing = ("import service.engine\n"
-               "def warmup(self):\n    raise RuntimeError('no kernel for this op')\n"
-               "service.engine.Engine.warmup = warmup")
-    p = ServerProcess(model_dir, prelude=failing)
+    p = ServerProcess(model_dir, prelude=warm_up_as("raise RuntimeError('no kernel for this op')"))
     assert p.wait(60) == 1
     assert p.stderr[-1] == "error: warm-up failed: RuntimeError: no kernel for this op", p.stderr
 

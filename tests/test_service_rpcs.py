@@ -7,8 +7,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.service_fixtures import (SERVICE, assert_healthy, gen, names_of, pb, pb_grpc, scrape, start_server,
-                                    stopped_early, wait_for_stop)
+from tests.service_fixtures import (SERVICE, assert_healthy, gen, names_of, pb, pb_grpc, rpcs_counted, scrape,
+                                    start_server, stopped_early, wait_for_stop)
 
 
 def test_generate(stub):
@@ -81,7 +81,7 @@ def test_metrics_endpoint(server, stub):
 
 def test_metrics_count_each_call_under_its_method_and_code(server, stub):
     def counts():
-        calls = {(m, c): scrape(server, f'namegen_requests_total{{code="{c}",method="{m}"}}')
+        calls = {(m, c): rpcs_counted(server, m, c)
                  for m in ("Generate", "GenerateStream", "Score") for c in ("OK", "INVALID_ARGUMENT")}
         return calls, scrape(server, "namegen_names_generated_total")
 

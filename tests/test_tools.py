@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_fixtures import ROOT, free_port, gen, names_of, pb, scrape, start_server
+from tests.service_fixtures import ROOT, free_port, gen, names_of, pb, rpcs_counted, start_server
 
 
 def run_cli(*args):
@@ -193,14 +193,13 @@ def test_loadtest_balances_replicas(server, model_dir, tmp_path, client):
     """Several targets: round_robin sends each replica a share of the requests (both sync and aio clients)."""
     replica = start_server(model_dir, "--metrics-port", free_port())
     try:
-        ok = lambda s: scrape(s, 'namegen_requests_total{code="OK",method="Generate"}')  # noqa: E731
-        before = ok(server), ok(replica)
+        before = rpcs_counted(server, "Generate", "OK"), rpcs_counted(replica, "Generate", "OK")
         out = tmp_path / "lt.json"
         r = run_cli("service.loadtest", "--target", f"{server.target},{replica.target}", "--concurrency", "2",
                     "--client", client, "--warmup", "0", "--duration", "60", "--requests", "40", "--json", out)
         assert r.returncode == 0, r.stdout + r.stderr
         (step,) = json.loads(out.read_text())["steps"]
-        served = ok(server) - before[0], ok(replica) - before[1]
+        served = rpcs_counted(server, "Generate", "OK") - before[0], rpcs_counted(replica, "Generate", "OK") - before[1]
         assert step["ok"] >= 40 and sum(served) >= 40 and min(served) >= 10, served  # round robin: ~half each
     finally:
         assert replica.stop() == 0

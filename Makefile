@@ -14,16 +14,18 @@ PORT ?= 50051
 PROVIDER ?= auto
 SERVE_ARGS ?=
 LOAD_ARGS ?= --concurrency 1,8,64 --duration 10 --procs 2
+REPORT_ARGS ?=
 PYTEST_ARGS ?=
 STUBS := service/namegen_pb/namegen_pb2_grpc.py
 
-.PHONY: help venv data proto train export verify bench lr-sweep serve load test test-all clean distclean
+.PHONY: help venv data proto train export verify bench lr-sweep serve load load-report test test-all clean distclean
 
 help:
 	@echo "make train export   train the model (PRESET=baseline|better) and compile it to ONNX"
 	@echo "make serve          serve it over gRPC on $(HOST):$(PORT) (builds what is missing first)"
 	@echo "make verify | bench parity report torch vs ONNX Runtime | sampling throughput benchmark"
 	@echo "make load           load-test a running server (LOAD_ARGS='$(LOAD_ARGS)')"
+	@echo "make load-report    the README's load-test table: a fresh server per row, ~4 min (REPORT_ARGS)"
 	@echo "make lr-sweep       learning-rate search plot"
 	@echo "make data | proto   fetch and checksum names.txt | generate the gRPC stubs"
 	@echo "make test           the test suite (what CI runs); make test-all includes slow tests"
@@ -85,6 +87,10 @@ serve: $(ART)/sampler.onnx $(STUBS)
 
 load: $(STUBS)
 	$(PY) -m service.loadtest --target $(HOST):$(PORT) $(LOAD_ARGS)
+
+# Starts its own servers (127.0.0.1, ephemeral ports), one per row; writes $(ART)/load_report.json.
+load-report: $(ART)/sampler.onnx $(STUBS)
+	$(PY) -m service.load_report --model-dir $(ART) --json $(ART)/load_report.json $(REPORT_ARGS)
 
 test: $(STAMP) $(STUBS)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

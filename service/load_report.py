@@ -27,6 +27,7 @@ from pathlib import Path
 
 from data.files import cli, unwritable, write_text
 from service.server_process import ROOT, ServerProcess
+from service.session import PROVIDERS
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,8 @@ def parse_args(argv=None):
     ap.add_argument("--requests", type=int, default=0, help="also end a row after this many requests (0 = by time)")
     ap.add_argument("--stream-seconds", type=float, default=120.0, help="upper bound on the stream row")
     ap.add_argument("--procs", type=int, default=2, help="load-test client processes")
-    ap.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="cpu", help="the servers' --provider")
-    ap.add_argument("--server-args", default="", help="more flags for every server, e.g. '--event-loop asyncio'")
+    ap.add_argument("--provider", choices=PROVIDERS, default="cpu", help="the servers' --provider")
+    ap.add_argument("--server-args", default="", help="more flags for every server, e.g. --server-args='--event-loop asyncio'")
     ap.add_argument("--json", default="artifacts/load_report.json", help="where the results go as JSON")
     args = ap.parse_args(argv)
     unknown = [k for k in args.rows.split(",") if k not in BY_KEY]

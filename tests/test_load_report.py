@@ -82,13 +82,15 @@ def test_table_gives_each_row_its_range():
     run = lambda rps, p50, rss, errors=None: dict(rps=rps, names_per_s=rps * 2, p50_ms=p50, p90_ms=p50, p99_ms=p50,  # noqa: E731
                                                   errors=errors or {}, peak_rss_mib=rss)
     results = {"c64": [run(1500.4, 30.0, 120.0), run(1900.6, 40.0, 120.04, {"RESOURCE_EXHAUSTED": 2})],
-               "c1": [run(800, None, None)], "stream-1m": [run(0.14, 7000.0, 136.5), run(0.13, 7600.0, 137.0)]}
+               "c1": [run(800, None, None)], "10k": [run(15.4, 60.0, 130.0)],
+               "stream-1m": [run(0.14, 7000.0, 136.5), run(0.13, 7600.0, 137.0)]}
     lines = lr.table(results).splitlines()
     assert lines[2] == "| 1-name Generate, concurrency 1 | 800 | 1,600 | - | - | - | - | - |"  # rows in ROWS order
     assert lines[3] == ("| 1-name Generate, concurrency 64, dynamic batching | 1,500-1,901 | 3,001-3,801 | 30.00-40.00 "
                         "| 30.00-40.00 | 30.00-40.00 | RESOURCE_EXHAUSTED 2 | 120.0 |")
-    assert lines[4].startswith("| GenerateStream of 1,000,000 names (two streams) | 0.13-0.14 | 0.26-0.28 | 7000.00-7600.00")
-    assert len(lines) == 5  # rows not measured are left out
+    assert lines[4].startswith("| 10,000-name Generate, concurrency 1 | 15.40 | 30.80 | 60.00 |")  # rates under 100: decimals
+    assert lines[5].startswith("| GenerateStream of 1,000,000 names (two streams) | 0.13-0.14 | 0.26-0.28 | 7000.00-7600.00")
+    assert len(lines) == 6  # rows not measured are left out
 
 
 def test_steal_share_and_failed_runs():
@@ -122,3 +124,19 @@ def test_load_report_when_the_server_cannot_start(model_dir, tmp_path):
     (line,) = r.stderr.splitlines()
     assert line.startswith("error: c1: the server did not start: error: ") and "model.onnx" in line
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("ok, server_rc, rc, message", [
+    (3, 0, 0, None), (0, 0, 1, "error: c1: no request succeeded"), (3, 1, 1, "error: c1: the server exited 1"),
+])
+def test_load_report_exit_status(model_dir, tmp_path, monkeypatch, capsys, ok, server_rc, rc, message):
+    """Exit 1 when a row can't stand (no request succeeded, or the server didn't exit 0); the JSON is written anyway."""
+    step = dict(ok=ok, errors={} if ok else {"UNAVAILABLE": 5}, rps=1.0, names_per_s=1.0, p50_ms=None, p90_ms=None,
+                p99_ms=None, peak_rss_mib=120.0, server_rc=server_rc)
+    monkeypatch.setattr(lr, "measure", lambda row, args: dict(step))
+    monkeypatch.setattr(lr, "machine_probe", lambda: 190.0)
+    out = tmp_path / "r.json"
+    assert lr.main(["--model-dir", str(model_dir), "--rows", "c1", "--json", str(out)]) == rc
+    err = capsys.readouterr().err
+    assert (message in err) if message else err == ""
+    assert len(json.loads(out.read_text())["rows"]["c1"]) == 2  # two rounds by default

@@ -200,7 +200,7 @@ def main(argv=None):
     machine = {"timeit_us_before": round(probe_before, 1), "timeit_us_after": round(machine_probe(), 1),
                "steal_share": steal, "seconds": round(time.monotonic() - t0, 1)}
     print(f"\nmachine: {os.cpu_count()} CPUs; python -m timeit \"sum(range(10000))\": {machine['timeit_us_before']:.0f} us "
-          f"before, {machine['timeit_us_after']:.0f} us after (~190 us when quiet on the project's machine); steal "
+          f"before, {machine['timeit_us_after']:.0f} us after (a plain-Python probe: compare it across runs); steal "
           + ("n/a" if steal is None else f"{100 * steal:.1f}%") + f"; {machine['seconds']:.0f} s in all\n")
     print(table(results))
     write_text(args.json, json.dumps({"config": meta, "machine": machine, "rows": results}, indent=2) + "\n")

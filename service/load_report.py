@@ -89,9 +89,10 @@ def measure(row, args):
         server.wait_serving()
     except RuntimeError:
         raise ReportError(f"the server did not start: {server.why_not()}") from None
-    # The streams are a fixed count of long requests (--requests at most lowers it); other rows run by time.
-    count, seconds = (min(row.requests, args.requests or row.requests), args.stream_seconds) if row.requests \
-        else (args.requests, args.duration)
+    if row.requests:  # the streams: a fixed count of long requests, which --requests may only lower
+        count, seconds = min(row.requests, args.requests or row.requests), args.stream_seconds
+    else:  # the other rows run by time (and --requests, when given)
+        count, seconds = args.requests, args.duration
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "step.json"

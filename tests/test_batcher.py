@@ -1,6 +1,7 @@
 """Dynamic batching in-process (the real engine, no gRPC): who gets which model run, express runs beside a
 long run, bounds, cancellation, bugs that must fail their jobs rather than hang them, busy polling."""
 import asyncio
+import time
 import types
 
 import pytest
@@ -102,6 +103,48 @@ def test_batcher_without_batching_keeps_queue_order(engine):
                 eng.release.set()
             await asyncio.gather(*jobs)
             assert eng.runs == [[(1, 3000)], [(2, 1)], [(3, 1)]]  # (the held run is recorded once released)
+
+    asyncio.run(main())
+
+
+def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine):
+    """Under concurrent traffic (jobs arrived during the last run) the worker waits, at most max_wait, until
+    as many jobs as that run served are there, however spread out they arrive; with fewer it runs what it
+    has once max_wait passed; an idle worker still wakes for a single job."""
+
+    class Slow(CountingEngine):
+        delay = 0.0
+
+        def run(self, parts):
+            time.sleep(self.delay)  # on the engine thread: jobs submitted meanwhile arrive during the run
+            return super().run(parts)
+
+    async def main():
+        eng = Slow(engine)
+
+        async def during_a_run_of_three(seeds, late):
+            eng.delay = 0.3
+            three = asyncio.gather(*[submit(b, eng, 2, seed) for seed in seeds])  # submitted at once: one run
+            await asyncio.sleep(0.1)
+            first = submit(b, eng, 2, late)  # arrives during that run, so the next step gathers
+            await three
+            eng.delay = 0.0
+            return first
+
+        # inline_rows 0: even a lone small job goes through the worker, which this test is about
+        async with running(Batcher(eng, max_batch_rows=256, max_wait_ms=60_000, inline_rows=0)) as b:
+            spread = [await during_a_run_of_three((1, 2, 3), 4)]
+            for seed in (5, 6):
+                await asyncio.sleep(0.05)
+                spread.append(submit(b, eng, 2, seed))
+            await asyncio.wait_for(asyncio.gather(*spread), 10)
+            assert eng.runs == [[(1, 2), (2, 2), (3, 2)], [(4, 2), (5, 2), (6, 2)]]
+            b.max_wait = 0.05  # now only one of the three wanted comes: it runs alone after max_wait
+            await asyncio.wait_for(await during_a_run_of_three((7, 8, 9), 10), 10)
+            assert eng.runs[2:] == [[(7, 2), (8, 2), (9, 2)], [(10, 2)]]
+            await asyncio.sleep(0.01)  # the worker idles: a single new job must wake it
+            await asyncio.wait_for(submit(b, eng, 2, seed=11), 10)
+            assert eng.runs[4:] == [[(11, 2)]]
 
     asyncio.run(main())
 

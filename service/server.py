@@ -53,7 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-wait-ms", type=float, default=3.0,
                     help="under concurrent load, wait at most this long for a batch to fill "
                          "(a lone request never waits); longer waits make larger, cheaper batches "
-                         "(3 vs 1: +16%% requests/s at concurrency 64 on 2 cores, even at 1-4)")
+                         "(3 rather than 1: +16%% requests/s at concurrency 64 on 2 cores, about even at 1-4)")
     ap.add_argument("--inline-rows", type=int, default=16,
                     help="without concurrent traffic, a lone request of at most this many names runs on the event "
                          "loop thread instead of the engine thread (saves two thread hand-offs); so are Score calls of "

@@ -7,10 +7,11 @@ For each row: a fresh server (`python -m service.server`, 127.0.0.1, an ephemera
 flags, the load test (`python -m service.loadtest`) against it, SIGTERM, and the server's peak RSS from the
 line it prints as it exits. A fresh server per row, so no row inherits another's caches, queues or memory.
 The rows run in alternating order over --rounds (forward, then backward), so rows that are compared
-(busy polling on or off, batching on or off) run in the same phase of a shared machine, and the report
-gives each row's range over the rounds. It also prints the machine's speed probe before and after the run
-(`python -m timeit "sum(range(10000))"`) and the share of CPU time the hypervisor took (steal), since on a
-shared 2-core host these move the numbers more than most code changes do.
+(busy polling on or off, batching on or off, the server against one whose Generate does nothing) run in
+the same phase of a shared machine, and the report gives each row's range over the rounds. It also prints
+the machine's speed probe before and after the run (`python -m timeit "sum(range(10000))"`) and the share
+of CPU time the hypervisor took (steal), since on a shared 2-core host these move the numbers more than
+most code changes do.
 """
 import argparse
 import json
@@ -37,13 +38,26 @@ class Row:
     load: tuple  # python -m service.loadtest flags
     server: tuple = ()  # python -m service.server flags beyond --provider
     requests: int = 0  # a fixed request count (the streams), timed by --duration otherwise
+    prelude: str = None  # Python run in the server process before its main (ServerProcess's prelude)
 
+
+# The ceiling row's server: Generate answers one fixed name at once, with no validation, batching or model.
+# What is left is Python gRPC, server and load test, on these cores: the bound the real rows run under.
+CEILING = """
+from service import servicer as _s
+_REPLY = _s.pb.GenerateResponse(seed=1, samples=[_s.pb.Sample(name="emma", logprob=-6.5)])
+async def _do_nothing(self, request, context):
+    return _REPLY
+_s.NameGeneratorServicer.Generate = _do_nothing
+"""
 
 ROWS = (
     Row("c1", "1-name Generate, concurrency 1", ("--concurrency", "1")),
     Row("c1-no-poll", "the same, `--busy-poll-ms 0`", ("--concurrency", "1"), ("--busy-poll-ms", "0")),
     Row("c64", "1-name Generate, concurrency 64, dynamic batching", ("--concurrency", "64")),
     Row("c64-no-batching", "the same, `--max-batch-rows 0` (no batching)", ("--concurrency", "64"), ("--max-batch-rows", "0")),
+    Row("c64-ceiling", "the same against a do-nothing `Generate` (Python gRPC's ceiling)", ("--concurrency", "64"),
+        prelude=CEILING),
     Row("score-c8", "8-name Score, concurrency 8", ("--rpc", "score", "--names-per-request", "8", "--concurrency", "8")),
     Row("10k", "10,000-name Generate, concurrency 1", ("--names-per-request", "10000", "--concurrency", "1")),
     Row("stream-1m", "GenerateStream of 1,000,000 names (two streams)",
@@ -84,7 +98,8 @@ def steal_share(before, after):
 def measure(row, args):
     """One row once: a fresh server, the load test, the server stopped. -> the load test's step, with
     peak_rss_mib (None if the server didn't print it) and server_rc."""
-    server = ServerProcess(Path(args.model_dir).resolve(), *row.server, *args.server_args.split(), provider=args.provider)
+    server = ServerProcess(Path(args.model_dir).resolve(), *row.server, *args.server_args.split(), provider=args.provider,
+                           prelude=row.prelude)
     try:
         server.wait_serving()
     except RuntimeError:

@@ -19,18 +19,18 @@ def test_load_report_cli(model_dir, tmp_path):
     """Two rows, two rounds in alternating order, each against its own server that exits 0 on SIGTERM;
     the JSON holds every run with the server's peak RSS, and the table a line per row."""
     out = tmp_path / "report.json"
-    r = run_report("--model-dir", model_dir, "--rows", "c1,c64-no-batching", "--rounds", "2", "--warmup", "0.1",
+    r = run_report("--model-dir", model_dir, "--rows", "c1,c64-ceiling", "--rounds", "2", "--warmup", "0.1",
                    "--duration", "60", "--requests", "40", "--procs", "1", "--json", out)
     assert r.returncode == 0, r.stdout + r.stderr
     order = [line.split()[2] for line in r.stdout.splitlines() if line.startswith("  round ")]
-    assert order == ["c1", "c64-no-batching", "c64-no-batching", "c1"]
+    assert order == ["c1", "c64-ceiling", "c64-ceiling", "c1"]
     report = json.loads(out.read_text())
-    assert set(report["rows"]) == {"c1", "c64-no-batching"}
+    assert set(report["rows"]) == {"c1", "c64-ceiling"}
     for runs in report["rows"].values():
         assert len(runs) == 2
         for run in runs:
             assert run["ok"] == 40 and not run["errors"] and run["server_rc"] == 0 and run["peak_rss_mib"] > 10
-    assert [run["concurrency"] for run in report["rows"]["c64-no-batching"]] == [64, 64]
+    assert [run["concurrency"] for run in report["rows"]["c64-ceiling"]] == [64, 64]
     assert report["machine"]["timeit_us_before"] > 0 and report["config"]["rounds"] == 2
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 2 + 2 and table[2].startswith("| 1-name Generate, concurrency 1 |")
@@ -39,13 +39,14 @@ def test_load_report_cli(model_dir, tmp_path):
 def test_each_row_gets_its_own_server_flags(monkeypatch, tmp_path):
     """measure(): the row's server flags and --server-args go to the server, the row's load-test flags come
     last (so its own --warmup wins), and the streams are a fixed count of requests."""
-    started, ran = [], []
+    started, ran, preludes = [], [], []
 
     class FakeServer:
         target, stdout = "127.0.0.1:1", ["stopped; rss 100.0 MiB, peak rss 123.4 MiB"]
 
-        def __init__(self, model_dir, *args, provider):
+        def __init__(self, model_dir, *args, provider, prelude):
             started.append((args, provider))
+            preludes.append(prelude)
 
         def wait_serving(self):
             return self
@@ -76,6 +77,29 @@ def test_each_row_gets_its_own_server_flags(monkeypatch, tmp_path):
     assert cmd[cmd.index("--requests") + 1] == "2" and cmd[cmd.index("--duration") + 1] == "99.0"
     assert cmd[len(cmd) - 1 - cmd[::-1].index("--warmup") + 1] == "0"  # the row's own, after the default
     assert started[-1] == (("--event-loop", "asyncio"), "cpu")
+    lr.measure(lr.BY_KEY["c64-ceiling"], args)  # the real server's flags, with the do-nothing Generate
+    assert started[-1] == (("--event-loop", "asyncio"), "cpu") and ran[-1][-2:] == ["--concurrency", "64"]
+    assert preludes == [None, None, lr.CEILING]
+
+
+def test_the_ceiling_rows_server_does_nothing(model_dir):
+    """The ceiling row's server answers Generate with one fixed name, whatever was asked (it skips validation,
+    batching and the model), and is otherwise the real server: health, GetModelInfo, Score."""
+    import grpc
+
+    from service.server_process import ServerProcess
+    from tests.service_fixtures import pb, pb_grpc
+
+    server = ServerProcess(model_dir, prelude=lr.CEILING).wait_serving()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.NameGeneratorStub(channel)
+            reply = stub.Generate(pb.GenerateRequest(num_samples=5, seed=3, temperature=-1.0), timeout=10)
+            assert [s.name for s in reply.samples] == ["emma"] and reply.seed == 1
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).vocab[0] == "."
+            assert len(stub.Score(pb.ScoreRequest(names=["emma", "zed"]), timeout=10).scores) == 2
+    finally:
+        assert server.stop() == 0
 
 
 def test_table_gives_each_row_its_range():

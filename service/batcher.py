@@ -84,6 +84,7 @@ class Batcher:
         self._incoming = collections.deque()  # submitted since the worker last looked
         self._wake = None
         self._wake_at = 1  # jobs waiting that wake the worker: 1, or a batch's worth while it gathers one
+        self._arrived = False  # jobs were submitted since the last run began (a split job's rest isn't one)
         self._task = None
         self._last_batch = 1  # requests served by the previous run
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
@@ -192,7 +193,8 @@ class Batcher:
         self.pending += counted
         self.pending_names += counted * want
         self._incoming.append(job)
-        if self._waiting() >= self._wake_at:
+        self._arrived = True
+        if self._waiting() >= self._wake_at or want >= self.cap:  # enough jobs, or a full run in one
             self._wake.set()
         try:
             return await job.future
@@ -224,13 +226,14 @@ class Batcher:
             self._wake.clear()
             await self._wake.wait()
             await asyncio.sleep(0)  # let the handlers of the same network read enqueue too
-        elif self.batching and self.max_wait and self._last_batch > 1:
+        elif self.batching and self.max_wait and self._last_batch > 1 and self._arrived:
             await self._gather_more()
         self._jobs.extend(self._incoming)
         self._incoming.clear()
         parts, rows = self._collect()
         if not parts:
             return
+        self._arrived = False
         self._running = [job for job, _ in parts]
         now = time.perf_counter()
         self._began(parts, now)

@@ -107,10 +107,10 @@ def test_batcher_without_batching_keeps_queue_order(engine):
     asyncio.run(main())
 
 
-def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine):
-    """Under concurrent traffic (jobs arrived during the last run) the worker waits, at most max_wait, until
-    as many jobs as that run served are there, however spread out they arrive; with fewer it runs what it
-    has once max_wait passed; an idle worker still wakes for a single job."""
+def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine, monkeypatch):
+    """Only when jobs arrived during the last run does the worker wait, at most max_wait, until as many jobs
+    as that run served are there, however spread out they arrive; with fewer it runs what it has once
+    max_wait passed; a job of a whole run ends the wait; an idle worker wakes for a single job."""
 
     class Slow(CountingEngine):
         delay = 0.0
@@ -118,6 +118,15 @@ def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine):
         def run(self, parts):
             time.sleep(self.delay)  # on the engine thread: jobs submitted meanwhile arrive during the run
             return super().run(parts)
+
+    guard = asyncio.wait_for  # the test's own bound against a hang; the batcher's timed waits are recorded
+    waits = []
+
+    async def recorded(awaitable, timeout):
+        waits.append(timeout)
+        return await guard(awaitable, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", recorded)
 
     async def main():
         eng = Slow(engine)
@@ -133,18 +142,39 @@ def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine):
 
         # inline_rows 0: even a lone small job goes through the worker, which this test is about
         async with running(Batcher(eng, max_batch_rows=256, max_wait_ms=60_000, inline_rows=0)) as b:
-            spread = [await during_a_run_of_three((1, 2, 3), 4)]
-            for seed in (5, 6):
+            await asyncio.gather(*[submit(b, eng, 2, seed) for seed in (1, 2, 3)])
+            await asyncio.sleep(0.01)  # idle after a run of three: a lone job runs at once, no timed wait
+            await guard(submit(b, eng, 2, 4), 10)
+            assert eng.runs == [[(1, 2), (2, 2), (3, 2)], [(4, 2)]] and waits == []
+            spread = [await during_a_run_of_three((5, 6, 7), 8)]
+            for seed in (9, 10):
                 await asyncio.sleep(0.05)
                 spread.append(submit(b, eng, 2, seed))
-            await asyncio.wait_for(asyncio.gather(*spread), 10)
-            assert eng.runs == [[(1, 2), (2, 2), (3, 2)], [(4, 2), (5, 2), (6, 2)]]
+            await guard(asyncio.gather(*spread), 10)
+            assert eng.runs[2:] == [[(5, 2), (6, 2), (7, 2)], [(8, 2), (9, 2), (10, 2)]] and waits == [60.0]
+            first = await during_a_run_of_three((11, 12, 13), 14)
+            await asyncio.sleep(0.05)
+            await guard(asyncio.gather(first, submit(b, eng, 256, 15)), 10)  # a full run: no more waiting
+            assert eng.runs[4:6] == [[(11, 2), (12, 2), (13, 2)], [(14, 2), (15, 254)]] and len(waits) == 2
             b.max_wait = 0.05  # now only one of the three wanted comes: it runs alone after max_wait
-            await asyncio.wait_for(await during_a_run_of_three((7, 8, 9), 10), 10)
-            assert eng.runs[2:] == [[(7, 2), (8, 2), (9, 2)], [(10, 2)]]
-            await asyncio.sleep(0.01)  # the worker idles: a single new job must wake it
-            await asyncio.wait_for(submit(b, eng, 2, seed=11), 10)
-            assert eng.runs[4:] == [[(11, 2)]]
+            await guard(await during_a_run_of_three((16, 17, 18), 19), 10)
+            assert eng.runs[-2:] == [[(16, 2), (17, 2), (18, 2)], [(19, 2)]] and waits[2:] == [0.05]
+            await asyncio.sleep(0.01)  # idle again, after a gather that wanted three: one job still wakes it
+            await guard(submit(b, eng, 2, 20), 10)
+            assert eng.runs[-1] == [(20, 2)]
+
+    asyncio.run(main())
+
+
+def test_batcher_does_not_wait_for_the_rest_of_a_split_job(engine):
+    """A run that served two jobs, one of them only in part, with nothing arriving meanwhile: the rest runs
+    at once (no gathering: nothing new is coming), not after max_wait."""
+
+    async def main():
+        eng = CountingEngine(engine)
+        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=60_000, inline_rows=0)) as b:
+            await asyncio.wait_for(asyncio.gather(*[submit(b, eng, 3000, seed) for seed in (1, 2)]), 10)
+            assert eng.runs == [[(1, 3000), (2, 1096)], [(2, 1904)]]
 
     asyncio.run(main())
 

@@ -16,24 +16,25 @@ def run_report(*args):
 
 
 def test_load_report_cli(model_dir, tmp_path):
-    """Two rows, two rounds in alternating order, each against its own server that exits 0 on SIGTERM;
-    the JSON holds every run with the server's peak RSS, and the table a line per row."""
+    """Two rows (one with server flags, one with the ceiling's prelude), two rounds in alternating order, each
+    against its own server that exits 0 on SIGTERM; the JSON holds every run with the server's peak RSS,
+    and the table a line per row."""
     out = tmp_path / "report.json"
-    r = run_report("--model-dir", model_dir, "--rows", "c1,c64-ceiling", "--rounds", "2", "--warmup", "0.1",
+    r = run_report("--model-dir", model_dir, "--rows", "c64-no-batching,c64-ceiling", "--rounds", "2", "--warmup", "0.1",
                    "--duration", "60", "--requests", "40", "--procs", "1", "--json", out)
     assert r.returncode == 0, r.stdout + r.stderr
     order = [line.split()[2] for line in r.stdout.splitlines() if line.startswith("  round ")]
-    assert order == ["c1", "c64-ceiling", "c64-ceiling", "c1"]
+    assert order == ["c64-no-batching", "c64-ceiling", "c64-ceiling", "c64-no-batching"]
     report = json.loads(out.read_text())
-    assert set(report["rows"]) == {"c1", "c64-ceiling"}
+    assert set(report["rows"]) == {"c64-no-batching", "c64-ceiling"}
     for runs in report["rows"].values():
         assert len(runs) == 2
         for run in runs:
             assert run["ok"] == 40 and not run["errors"] and run["server_rc"] == 0 and run["peak_rss_mib"] > 10
-    assert [run["concurrency"] for run in report["rows"]["c64-ceiling"]] == [64, 64]
+    assert [run["concurrency"] for rows in report["rows"].values() for run in rows] == [64] * 4
     assert report["machine"]["timeit_us_before"] > 0 and report["config"]["rounds"] == 2
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 2 + 2 and table[2].startswith("| 1-name Generate, concurrency 1 |")
+    assert len(table) == 2 + 2 and table[2].startswith("| the same, `--max-batch-rows 0` (no batching) |")
 
 
 def test_each_row_gets_its_own_server_flags(monkeypatch, tmp_path):

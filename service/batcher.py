@@ -11,8 +11,8 @@ Policies, and why:
   requests and more arrived during it may the worker wait up to max_wait_ms for about as many to
   arrive, never longer. Under load that wait is what makes batches: the event loop accepts one RPC
   per pass, so without it a run serves only those accepted during the previous one. At concurrency 64
-  here a run served 3.5 requests with 1 ms, 6.2 with 3 ms and 11 with 5 ms, and each run costs
-  ~0.5 ms of engine thread beside the loop (5 ms cost 10% at concurrency 4, where 3 ms didn't).
+  here a run served 3.5 requests with 1 ms, 6.2 with 3 ms and 11 with 5 ms, and each run took 0.6-0.9
+  ms of engine-thread CPU on the cores the loop uses (5 ms cost 10% at concurrency 4, where 3 ms didn't).
 - Fairness: a job larger than a batch is served a chunk per run and then goes to the back, behind
   jobs that arrived during the run. Small jobs go ahead of large ones (up to half of each run, see
   service.scheduling), and during a long run those that arrive get express runs on the loop thread

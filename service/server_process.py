@@ -20,7 +20,7 @@ START_TIMEOUT = 60  # seconds for a server to load, bind and warm up on a busy 2
 class ServerProcess:
     """`python -m service.server` in a subprocess; stdout and stderr are collected by threads (in .stdout and
     .stderr, a list of lines each). prelude: Python code run first instead (`python -c`), e.g. a test's
-    replacement for the engine's warm-up."""
+    replacement for the engine's warm-up, or the load report's do-nothing Generate (load_report.CEILING)."""
 
     def __init__(self, model_dir, *args, provider="cpu", prelude=None):
         run = ["-m", "service.server"] if prelude is None else \

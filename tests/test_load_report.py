@@ -88,8 +88,7 @@ def test_the_ceiling_rows_server_does_nothing(model_dir):
     batching and the model), and is otherwise the real server: health, GetModelInfo, Score."""
     import grpc
 
-    from service.server_process import ServerProcess
-    from tests.service_fixtures import pb, pb_grpc
+    from tests.service_fixtures import ServerProcess, pb, pb_grpc
 
     server = ServerProcess(model_dir, prelude=lr.CEILING).wait_serving()
     try:

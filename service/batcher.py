@@ -19,32 +19,29 @@ Policies, and why:
   (see _express_during), so a million names can't hold up a one-name request.
 - Determinism: each request draws its uniforms from its own seeded generator in order, so how it is
   chunked or what it is batched with doesn't change its names (the engine guarantees this).
-- Bounded memory: at most max_queue jobs, wanting at most max_queue_names names in all, are pending
-  (queued or being served); more -> QueueFull (RESOURCE_EXHAUSTED). A stream submits a chunk at a time
-  (one ahead), so it holds about two; a large unary Generate reserves all its names (reserve).
+- Bounded memory: the Batcher is an Admission (service.admission), whose bounds submit enforces. A
+  stream submits a chunk at a time (one ahead), so it holds about two; a large unary Generate reserves
+  all its names (reserve).
 - Cancelled jobs are skipped at the next collection and get no more model runs; jobs whose deadline
   passed in the queue fail with DeadlineExceeded.
 - max_batch_rows 0 disables batching: every run serves one job (the comparison baseline).
-- Score calls (slot, score) count towards max_queue too and hold at most SCORE_ROWS_IN_FLIGHT rows
-  (characters and end tokens) between them. On CPU they never wait for Generate's model runs: small
-  ones are scored at once on the loop thread, larger ones one at a time on a thread of their own.
+- Score calls (Admission.slot, then score) never wait for Generate's model runs on CPU: small ones are
+  scored at once on the loop thread, larger ones one at a time on a thread of their own.
 """
 import asyncio
 import collections
-import contextlib
 import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
+from service.admission import Admission
 from service.busypoll import BusyPoll, stop_task
 from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, Job, pieces, select, select_express
 
 
 # Score's cost is counted in model rows: a name's characters and its end token.
 SCORE_PIECE_ROWS = 16_384  # a Score call runs in engine calls of about this many rows (cancellable between)
-# Score rows held at once: two full-size calls (1,000,000 characters in --max-samples 100,000 names).
-SCORE_ROWS_IN_FLIGHT = 2_200_000
 SCORE_INLINE_ROWS = 256  # a Score call of at most this many rows is scored on the loop thread: 0.5-1 ms at
                          # most here (each name costs more than a character)
 CONCURRENT_HOLD = 0.05  # seconds that seeing two requests at once keeps the server in "concurrent" mode
@@ -52,13 +49,10 @@ PROBE_EVERY = 4  # every 4th lone small run takes the long way (see Batcher._lon
                  # its run too, so at concurrency 1 one request in three goes through the queue (measured)
 
 
-class QueueFull(Exception):
-    """Too many pending requests; the client should back off and retry."""
-
-
-class Batcher:
+class Batcher(Admission):
     def __init__(self, engine, max_batch_rows=1024, max_wait_ms=3.0, max_queue=1024, metrics=None, inline_rows=16,
                  max_queue_names=1_000_000, busy_poll_ms=0.0):
+        super().__init__(max_queue, max_queue_names)
         self.engine = engine
         self.inline_rows = inline_rows
         self._concurrent_until = 0.0  # until then, traffic counts as concurrent: no inline runs
@@ -72,12 +66,7 @@ class Batcher:
         self.express = self.batching and on_cpu
         self.inline_score_rows = SCORE_INLINE_ROWS if on_cpu and inline_rows else 0  # see score
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
-        self.max_queue = max(1, max_queue)
-        self.max_queue_names = max(1, max_queue_names)
         self.metrics = metrics
-        self.pending = 0  # jobs submitted and neither finished nor cancelled
-        self.pending_names = 0  # names those jobs still want: what their results will hold in memory
-        self.score_rows = 0  # rows of the Score calls waiting or being scored
         self._score_lock = asyncio.Lock()  # Score calls are scored one at a time (see score)
         self._jobs = collections.deque()  # round-robin order of jobs waiting for a run
         self._running = []  # the jobs of the run in hand
@@ -115,42 +104,6 @@ class Batcher:
     async def call(self, fn, *args):
         """Run fn(*args) on the engine's thread (serialised with the model runs): the warm-up."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def _admit(self, names):
-        """QueueFull unless a request wanting `names` names fits in the queue's bounds."""
-        if self.pending >= self.max_queue:
-            raise QueueFull(f"server queue is full ({self.max_queue} requests pending); retry later")
-        if self.pending_names and self.pending_names + names > self.max_queue_names:
-            raise QueueFull(f"server queue is full ({self.pending_names:,} names pending); retry later")
-
-    def slot(self, rows=0):
-        """A place in the queue for a Score call of `rows` rows (engine.check_score_names), held while it
-        is scored and its reply built: it counts towards max_queue like a Generate job, and while
-        SCORE_ROWS_IN_FLIGHT rows are held (names and results, ~40 MB per million), more are turned away."""
-        if self.score_rows and self.score_rows + rows > SCORE_ROWS_IN_FLIGHT:
-            raise QueueFull(f"{self.score_rows:,} characters (end tokens included) are being scored already; "
-                            "retry later")
-        return self._hold(rows=rows)
-
-    def reserve(self, names):
-        """Admission of a request drawn in several chunks whose names are all held until it ends (a large
-        unary Generate builds one reply): it counts as one pending request wanting all its names for its
-        whole life, not a chunk at a time. Its chunks are then submitted with reserved=True."""
-        return self._hold(names=names)
-
-    @contextlib.contextmanager
-    def _hold(self, names=0, rows=0):
-        """One pending request, wanting `names` names and holding `rows` Score rows, while inside."""
-        self._admit(names)
-        self.pending += 1
-        self.pending_names += names
-        self.score_rows += rows
-        try:
-            yield
-        finally:
-            self.pending -= 1
-            self.pending_names -= names
-            self.score_rows -= rows
 
     async def score(self, names, rows):
         """engine.score of names that passed engine.check_score_names (`rows`: the count that returned).

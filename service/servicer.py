@@ -24,7 +24,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from service import gen_proto
-from service.batcher import QueueFull
+from service.admission import QueueFull
 from service.engine import GenerationError
 from service.params import MAX_LENGTH_LIMIT, GenerateParams, InvalidArgument
 from service.scheduling import DeadlineExceeded

@@ -6,7 +6,8 @@ import types
 
 import pytest
 
-from service.batcher import Batcher, QueueFull
+from service.admission import QueueFull
+from service.batcher import Batcher
 from service.busypoll import BusyPoll
 from service.engine import Engine
 from service.params import GenerateParams

@@ -6,7 +6,8 @@ import threading
 import grpc
 import pytest
 
-from service.batcher import SCORE_INLINE_ROWS, SCORE_PIECE_ROWS, SCORE_ROWS_IN_FLIGHT, Batcher, QueueFull
+from service.admission import SCORE_ROWS_IN_FLIGHT, QueueFull
+from service.batcher import SCORE_INLINE_ROWS, SCORE_PIECE_ROWS, Batcher
 from service.scheduling import EXPRESS_AFTER_ROWS
 from tests.service_fixtures import CountingEngine, GatedEngine, assert_healthy, holding, pb, running
 

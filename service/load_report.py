@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import timeit
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,10 +145,7 @@ def table(results):
         runs = results.get(row.key)
         if not runs:
             continue
-        errors = {}
-        for r in runs:
-            for code, n in r["errors"].items():
-                errors[code] = errors.get(code, 0) + n
+        errors = sum((Counter(r["errors"]) for r in runs), Counter())  # by status code, over the rounds
         cells = [span([r["rps"] for r in runs]), span([r["names_per_s"] for r in runs]),
                  *(span([r[k] for r in runs], ".2f") for k in ("p50_ms", "p90_ms", "p99_ms")),
                  ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "-",

@@ -4,10 +4,11 @@ import shutil
 import subprocess
 import sys
 
+import grpc
 import pytest
 
 from service import load_report as lr
-from tests.service_fixtures import ROOT
+from tests.service_fixtures import ROOT, ServerProcess, pb, pb_grpc
 
 
 def run_report(*args):
@@ -86,10 +87,6 @@ def test_each_row_gets_its_own_server_flags(monkeypatch, tmp_path):
 def test_the_ceiling_rows_server_does_nothing(model_dir):
     """The ceiling row's server answers Generate with one fixed name, whatever was asked (it skips validation,
     batching and the model), and is otherwise the real server: health, GetModelInfo, Score."""
-    import grpc
-
-    from tests.service_fixtures import ServerProcess, pb, pb_grpc
-
     server = ServerProcess(model_dir, prelude=lr.CEILING).wait_serving()
     try:
         with grpc.insecure_channel(server.target) as channel:

@@ -124,8 +124,8 @@ class Batcher(Admission):
             return scores
 
     async def submit(self, request, rows, timeout=None, admitted=False, reserved=False):
-        """The next `rows` names of `request` (fewer only if the request is done first; a few more
-        under only_new, whose draws are sized by the engine).
+        """The next `rows` names of `request` as Samples (fewer only if the request is done first; a few
+        more under only_new, whose draws are sized by the engine).
 
         timeout: seconds the caller will wait (the RPC's remaining deadline), or None.
         admitted: a later chunk of a stream that was let in already; it isn't turned away mid-way.
@@ -141,7 +141,7 @@ class Batcher(Admission):
         deadline = None if timeout is None else time.perf_counter() + timeout
         job = Job(request, want, loop.create_future(), deadline)
         if job.want <= 0:
-            return []
+            return job.samples  # none
         counted = 0 if reserved else 1
         self.pending += counted
         self.pending_names += counted * want

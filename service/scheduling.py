@@ -9,6 +9,8 @@ Both drop cancelled jobs and fail those whose deadline passed while they waited.
 import collections
 import time
 
+from service.samples import Samples
+
 SMALL_JOB_ROWS = 64  # a job drawing at most this many rows goes ahead of large ones
 EXPRESS_AFTER_ROWS = 1024  # during a run of more rows, small new jobs get express runs
 EXPRESS_ROWS = 256  # rows of one express run (on the event loop's thread, which it blocks meanwhile)
@@ -26,7 +28,7 @@ class Job:
     def __init__(self, request, want, future, deadline):
         self.request = request
         self.want = want  # names this job still needs
-        self.samples = []
+        self.samples = Samples()  # what it got so far
         self.future = future
         self.enqueued = time.perf_counter()
         self.deadline = deadline  # perf_counter time after which nobody is waiting any more, or None

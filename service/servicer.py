@@ -27,6 +27,7 @@ from service import gen_proto
 from service.admission import QueueFull
 from service.engine import GenerationError
 from service.params import MAX_LENGTH_LIMIT, GenerateParams, InvalidArgument
+from service.samples import Samples
 from service.scheduling import DeadlineExceeded
 
 gen_proto.ensure()
@@ -115,8 +116,8 @@ def params_of(request):
 
 def add_samples(resp, samples):
     add = resp.samples.add  # the fastest way to build many submessages with upb (~1.3 us each)
-    for s in samples:
-        add(name=s.name, logprob=s.logprob, in_training_data=s.in_training_data)
+    for name, logprob, known in samples.rows():
+        add(name=name, logprob=logprob, in_training_data=known)
     return resp
 
 
@@ -216,7 +217,7 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             self._done("GenerateStream", code, t0, sent)
 
     async def _chunks(self, req, chunk, context, reserved=False):
-        """The request's names in lists of `chunk`, drawing one chunk ahead.
+        """The request's names in Samples of `chunk`, drawing one chunk ahead.
 
         The engine draws chunk k+1 while chunk k is serialised and sent; chunk k+2 is only asked
         for once grpc took chunk k (its flow control waits for the client), so a stream holds
@@ -235,11 +236,11 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             admitted = True  # only the first chunk can be turned away (RESOURCE_EXHAUSTED)
             return task
 
-        carry = []  # only_new may hand back a few names more than asked for; they lead the next chunk
+        carry = Samples()  # only_new may hand back a few names more than asked for; they lead the next chunk
         pending = fetch()
         try:
             while pending is not None:
-                carry += await pending
+                carry.extend(await pending)
                 pending = fetch()
                 while len(carry) >= chunk or (pending is None and carry):
                     out, carry = carry[:chunk], carry[chunk:]

@@ -11,6 +11,7 @@ from service.batcher import Batcher
 from service.busypoll import BusyPoll
 from service.engine import Engine
 from service.params import GenerateParams
+from service.samples import Samples
 from service.scheduling import EXPRESS_AFTER_ROWS, EXPRESS_ROWS, SMALL_JOB_ROWS
 from tests.service_fixtures import CountingEngine, GatedEngine, assert_same_samples, holding, running, submit
 
@@ -359,7 +360,7 @@ def test_jobs_past_their_deadline_or_done_get_no_rows(engine):
             assert parts == [(due, 5)] and rows == 5 and not rest
             with pytest.raises(DeadlineExceeded):
                 late.future.result()
-            assert ended.future.result() == []
+            assert len(ended.future.result()) == 0
 
     asyncio.run(main())
 
@@ -400,7 +401,7 @@ def test_stream_chunks_draw_one_ahead_and_stop_drawing_when_closed():
                     self.cancelled += 1
                     raise
             req.remaining -= rows
-            return ["x"] * rows
+            return Samples(["x"] * rows, [-1.0] * rows, [False] * rows)
 
     class Req:
         remaining = 50

@@ -1,5 +1,6 @@
 """Engine: seeds, batching independence, chunking, only_new, scoring, validation, providers, bad files."""
 import math
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -8,6 +9,7 @@ import torch
 
 from service.engine import ONLY_NEW_PROBE, Engine, GenerationError
 from service.params import FLOAT32_TINY, MAX_LENGTH_LIMIT, MAX_TEMPERATURE, GenerateParams, InvalidArgument
+from service.samples import Samples
 from service.session import ModelFileError, ProviderError
 from trainer.dataset import build_examples
 
@@ -27,7 +29,7 @@ def test_same_seed_same_names_whatever_the_batch(cpu_engine):
     others = [cpu_engine.request(P(num_samples=30, seed=s, temperature=1.5, top_k=4, prefix="b", max_length=40)) for s in (1, 2)]
     first = cpu_engine.run([(others[0], 30), (r, 5), (others[1], 10)])[1]
     second = cpu_engine.run([(r, 15), (others[1], 20)])[0]
-    assert names(first + second) == alone and r.done
+    assert names(first) + names(second) == alone and r.done
 
 
 def test_a_failing_request_does_not_fail_its_batch(cpu_engine):
@@ -41,7 +43,7 @@ def test_a_failing_request_does_not_fail_its_batch(cpu_engine):
     good = [cpu_engine.request(P(num_samples=6, seed=s, temperature=0.8)) for s in (3, 4)]
     bad = unrunnable()
     out = cpu_engine.run([(good[0], 6), (bad, 4), (good[1], 6)])
-    assert bad.error is not None and out[1] == []
+    assert bad.error is not None and len(out[1]) == 0
     for s, got in zip((3, 4), (out[0], out[2])):  # the batch-mates get the names their seeds determine
         assert names(got) == names(cpu_engine.generate(P(num_samples=6, seed=s, temperature=0.8)))
 
@@ -63,12 +65,19 @@ def test_row_shards_are_invisible(tiny_model_dir, monkeypatch, max_shard_rows, r
     three = Engine(tiny_model_dir, provider="cpu", threads=3)
     monkeypatch.setattr(engine_mod, "MIN_SHARD_ROWS", 16)  # so that 100 rows are split
     monkeypatch.setattr(engine_mod, "MAX_SHARD_ROWS", max_shard_rows)
-    calls = []
-    for s in three._shard_sessions:  # record which session ran each shard
-        monkeypatch.setattr(s, "run", lambda *a, _run=s.run, _s=s: calls.append(_s) or _run(*a))
+    calls, together = [], threading.Barrier(3, timeout=30)
+
+    def run(*a, _run, _s):  # records which session ran each shard; the first three wait for each other
+        calls.append(_s)
+        if len(calls) <= 3:  # so each thread's first shard runs beside the others' (a thread can't take two)
+            together.wait()
+        return _run(*a)
+
+    for s in three._shard_sessions:
+        monkeypatch.setattr(s, "run", lambda *a, _run=s.run, _s=s: run(*a, _run=_run, _s=_s))
     p = P(num_samples=100, seed=3, temperature=1.3, max_length=12)
     a, b = one.generate(p), three.generate(p)
-    assert len(calls) == runs and len(set(calls)) == 3  # really split, over every thread's session
+    assert len(calls) == runs and len(set(calls[:3])) == 3  # really split, over every thread's session at once
     assert names(a) == names(b) and [s.logprob for s in a] == [s.logprob for s in b]
 
 
@@ -121,7 +130,7 @@ def test_only_new_budget_and_give_up_threshold(cpu_engine):
         req = cpu_engine.request(P(num_samples=1000, seed=1, only_new=True))
         req.drawn = ONLY_NEW_PROBE
         new = [f"zq{i}" for i in range(found)]  # (not training names)
-        assert len(cpu_engine._accept(req, new, np.zeros(found, np.float32))) == found
+        assert len(cpu_engine._accept(req, Samples(new, [0.0] * found, [False] * found))) == found
         assert (req.error is not None) == hopeless
 
 

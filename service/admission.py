@@ -47,9 +47,11 @@ class Admission:
         return self._hold(names=names)
 
     @contextlib.contextmanager
-    def _hold(self, names=0, rows=0):
-        """One pending request, wanting `names` names and holding `rows` Score rows, while inside."""
-        self._admit(names)
+    def _hold(self, names=0, rows=0, check=True):
+        """One pending request, wanting `names` names and holding `rows` Score rows, while inside.
+        check=False: the caller already admitted it (_admit), or it is a later chunk of an admitted stream."""
+        if check:
+            self._admit(names)
         self.pending += 1
         self.pending_names += names
         self.score_rows += rows

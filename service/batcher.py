@@ -30,6 +30,7 @@ Policies, and why:
 """
 import asyncio
 import collections
+import contextlib
 import sys
 import time
 import traceback
@@ -142,20 +143,17 @@ class Batcher(Admission):
         job = Job(request, want, loop.create_future(), deadline)
         if job.want <= 0:
             return job.samples  # none
-        counted = 0 if reserved else 1
-        self.pending += counted
-        self.pending_names += counted * want
-        self._incoming.append(job)
-        self._arrived = True
-        if self._waiting() >= self._wake_at or want >= self.cap:  # enough jobs, or a full run in one
-            self._wake.set()
-        try:
-            return await job.future
-        finally:
-            if not job.future.done():
-                job.cancelled = True  # cancelled / deadline: the worker drops it and runs no more for it
-            self.pending -= counted
-            self.pending_names -= counted * want
+        # Pending while queued or served; a reserved chunk is counted by its reservation instead.
+        with contextlib.nullcontext() if reserved else self._hold(names=want, check=False):
+            self._incoming.append(job)
+            self._arrived = True
+            if self._waiting() >= self._wake_at or want >= self.cap:  # enough jobs, or a full run in one
+                self._wake.set()
+            try:
+                return await job.future
+            finally:
+                if not job.future.done():
+                    job.cancelled = True  # cancelled / deadline: the worker drops it and runs no more for it
 
     async def _worker(self):
         while True:

@@ -10,7 +10,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18
-FLOAT, DOUBLE, INT64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
+FLOAT, DOUBLE, INT64, BOOL, UINT8 = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL,
+                                     TensorProto.UINT8)
 
 
 class Builder:
@@ -38,8 +39,17 @@ class Builder:
 def add_forward(b, weights, ctx, transposed=False):
     """Nodes for logits = folded MLP(ctx). ctx: int64 (M, block_size) -> float32 (M, vocab), or (vocab, M)
     when transposed (W_head @ h^T: the sampler's layout, where per-row values broadcast along contiguous rows)."""
-    emb = b.op("Gather", [weights["wte"], ctx], hint="emb")  # (M, block_size, n_embd)
-    x = b.op("Flatten", [emb], axis=1, hint="x")  # (M, block_size * n_embd)
+    return add_mlp(b, weights, embed(b, weights["wte"], ctx), transposed)
+
+
+def embed(b, wte, ctx):
+    """int64 (M, block_size) context -> its embeddings side by side, (M, block_size * n_embd) float32."""
+    emb = b.op("Gather", [wte, ctx], hint="emb")  # (M, block_size, n_embd)
+    return b.op("Flatten", [emb], axis=1, hint="x")
+
+
+def add_mlp(b, weights, x, transposed=False):
+    """add_forward from the embedded context x (M, block_size * n_embd) on."""
     for i, (W, bias) in enumerate(weights["layers"]):
         h = b.op("Gemm", [x, W, bias], transB=1, hint=f"pre{i}")  # (M, n_hidden)
         x = b.op("Tanh", [h], hint=f"h{i}")

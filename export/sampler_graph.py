@@ -39,9 +39,10 @@ def _dispatch(tree, inputs, out):
         return tree.build(inputs, out)
     cond, no, yes = tree
     leaf = no
-    while not isinstance(leaf, onnx.GraphProto):  # the scan output's type: float64 bodies, or float32
+    while isinstance(leaf, tuple):  # the scan output's type: float64 bodies, or float32
         leaf = leaf[1]
-    vi = helper.make_tensor_value_info(out + "_b", leaf.output[3].type.tensor_type.elem_type, None)
+    elem = FLOAT if isinstance(leaf, SmallLoop) else leaf.output[3].type.tensor_type.elem_type
+    vi = helper.make_tensor_value_info(out + "_b", elem, None)
 
     def branch(t):
         nodes, inits = _dispatch(t, inputs, out + "_b")
@@ -70,7 +71,8 @@ def _run_loop(b, tree, ctx0, N, T, hint):
 
 def _collect(b, steps, T, thin_out=None):
     """(steps, N, 3) -> tokens (N, T) int64 padded with the end token, logprob (N,) in the steps' dtype; with thin_out
-    (the fast path's float32 steps), also the output thin_out (N,) bool: some step's margin was thin.
+    (the fast path's float32 steps), also the output thin_out (N,) bool: some step's margin was thin, and
+    a third result, a bool scalar: any row's was.
 
     One ReduceSum over the steps, the leading axis, for which ONNX Runtime's ReduceSum has a fast path:
     41 us on (34, 4096) floats here, against 1.1 ms over axes [0, 2] and 0.4 ms for a ReduceMin over
@@ -79,17 +81,20 @@ def _collect(b, steps, T, thin_out=None):
     zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
     sums = b.op("ReduceSum", [steps, b.const([0], dtype=np.int64)], keepdims=0)  # (N, 3)
     lp = b.op("Gather", [sums, one], axis=1)  # (N,)
-    if thin_out:
-        thin = b.op("Gather", [sums, b.const(np.array(2, np.int64))], axis=1)  # (N,) count of thin steps
-        b.op("Greater", [thin, b.const(np.array(0, np.float32))], outputs=[thin_out])
     tok = b.op("Cast", [b.op("Transpose", [b.op("Gather", [steps, zero], axis=2)], perm=[1, 0])], to=INT64)  # (N, steps)
     pads = b.op("Concat", [b.const([0, 0, 0], dtype=np.int64), b.op("Sub", [T, b.op("Shape", [tok], start=1, end=2)])], axis=0)
-    return b.op("Pad", [tok, pads]), lp
+    if not thin_out:
+        return b.op("Pad", [tok, pads]), lp
+    fzero = b.const(np.array(0, np.float32))
+    thin = b.op("Gather", [sums, b.const(np.array(2, np.int64))], axis=1)  # (N,) count of thin steps
+    b.op("Greater", [thin, fzero], outputs=[thin_out])
+    return b.op("Pad", [tok, pads]), lp, b.op("Greater", [b.op("ReduceSum", [thin], keepdims=0), fzero])
 
 
 def _exact_inputs(b, folded, V, rows, u, tag):
     """Per-row settings for a float64 loop over the batch rows `rows` (R,), registered under `tag` (see
-    sampling_body) from the main graph's; u (steps, R) float32: the loop's uniforms (or -1).
+    sampling_body) from the check stage's (_filter_settings "32c") and the main graph's; u (steps, R)
+    float32: the loop's uniforms (or -1).
     -> the loop's bodies (see _dispatch): filtered only when one of these rows uses top-k or top-p."""
     ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
     b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float64)),
@@ -97,8 +102,8 @@ def _exact_inputs(b, folded, V, rows, u, tag):
     b.op("Unsqueeze", [b.op("Cast", [b.op("Gather", ["temperature", rows])], to=DOUBLE), ax0], outputs=[f"temp{tag}_1n"])  # (1, R)
     b.op("Unsqueeze", [b.op("Mul", [b.op("Cast", [u], to=DOUBLE), b.const(np.array(1 - 2**-23, np.float64))]), ax1],
          outputs=[f"uniforms{tag}_t"])  # (steps, 1, R)
-    b.op("Cast", [b.op("Gather", ["topp32_n1", rows])], outputs=[f"topp{tag}_n1"], to=DOUBLE)  # (R, 1)
-    b.op("Gather", ["kidx32_n1", rows], outputs=[f"kidx{tag}_n1"])  # (R, 1)
+    b.op("Cast", [b.op("Gather", ["topp32c_n1", rows])], outputs=[f"topp{tag}_n1"], to=DOUBLE)  # (R, 1)
+    b.op("Gather", ["kidx32c_n1", rows], outputs=[f"kidx{tag}_n1"])  # (R, 1)
     return (_any(b, b.op("Gather", ["filtered", rows])), sampling_body(folded, V, exact=True, tag=tag),
             sampling_body(folded, V, exact=True, filtered=True, tag=tag))
 
@@ -123,7 +128,8 @@ def _exact_stage(folded, V, T, tok32, lp32, exact):
     ridx = b.op("Reshape", [b.op("NonZero", [exact]), b.const([-1], dtype=np.int64)])  # (E,) rows to redo
     rcol = b.op("Unsqueeze", [ridx, ax1])  # (E, 1)
     E = b.op("Gather", [b.op("Shape", [ridx]), zero])
-    bodies = _exact_inputs(b, folded, V, ridx, b.op("Gather", ["u_t", ridx], axis=1), "64")  # uniforms (T, E)
+    u = b.op("Transpose", [b.op("Gather", ["u_nt", ridx])], perm=[1, 0])  # (T, E)
+    bodies = _exact_inputs(b, folded, V, ridx, u, "64")
     ctx = b.op("Gather", ["context", ridx])  # (E, block_size)
     tok64, lp64 = _collect(b, _run_loop(b, bodies, ctx, E, T, "exact"), T)
     b.op("ScatterND", [tok32, rcol, tok64], outputs=["tokens_x"])
@@ -155,7 +161,8 @@ def _check_stage(folded, V, bs, T, tok32, lp32, steps32):
     seq = b.op("Concat", [b.op("Gather", ["context", row]), b.op("Gather", [tok32, row])], axis=1)  # (P, bs + T)
     ctx = b.op("GatherElements", [seq, b.op("Add", [t_col, b.const(np.arange(bs)[None, :], dtype=np.int64)])], axis=1)
     P = b.op("Gather", [b.op("Shape", [t]), zero])
-    u = b.op("GatherND", ["u_t", b.op("Concat", [t_col, row_col], axis=1)])  # (P,) this step's uniform (or -1)
+    u = b.op("GatherND", ["u_nt", b.op("Concat", [row_col, t_col], axis=1)])  # (P,) this step's uniform (or -1)
+    _filter_settings(b, V, "32c")  # what _exact_inputs reads (here, not in the main graph: see _general_inputs)
     bodies = _exact_inputs(b, folded, V, row, b.op("Unsqueeze", [u, ax0]), "64c")  # uniforms (1, P): one step
     step = _run_loop(b, bodies, ctx, P, one, "check")  # (1, P, 3)
     tok64 = b.op("Cast", [b.op("Reshape", [b.op("Gather", [step, zero], axis=2), b.const([-1], dtype=np.int64)])], to=INT64)
@@ -171,6 +178,35 @@ def _check_stage(folded, V, bs, T, tok32, lp32, steps32):
     return helper.make_graph(b.nodes, "check_stage", [], [vi("tokens_c", INT64, None), vi("logprob_c", FLOAT, None)], b.inits)
 
 
+def _filter_settings(b, V, sfx):
+    """The per-row top-k / top-p settings the filtered bodies read, kidx{sfx}_n1 (N, 1): k - 1 (V - 1
+    without top-k: the V-th largest keeps all), and topp{sfx}_n1 (N, 1): top_p (2 without top-p, so no
+    token is ever outside the nucleus)."""
+    one, ax1 = b.const(np.array(1, np.int64)), b.const([1], dtype=np.int64)
+    k = b.op("Where", ["use_k", b.op("Min", ["top_k", b.const(np.array(V, np.int64))]), b.const(np.array(V, np.int64))])
+    b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=[f"kidx{sfx}_n1"])
+    topp = b.op("Where", ["use_p", "top_p", b.const(np.array(2.0, np.float32))])
+    b.op("Unsqueeze", [topp, ax1], outputs=[f"topp{sfx}_n1"])
+
+
+def _general_inputs(b, V, N):
+    """What the compacting loops (sampling_body) read from the outer graph: the scan-output base32 (N, 3),
+    uniforms32_t (T, 1, N), temp32_1n (1, N) and the filter settings. Built in the branch that runs them,
+    so a SmallLoop run skips these nodes (at one name, every node counts: ~0.8 us each)."""
+    ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
+    n3 = b.op("Concat", [b.op("Unsqueeze", [N, ax0]), b.const([3], dtype=np.int64)], axis=0)  # [N, 3]
+    b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float32)), n3], outputs=["base32"])  # [token, logprob, thin]
+    u_t = b.op("Transpose", ["u_nt"], perm=[1, 0])  # (T, N)
+    b.op("Unsqueeze", [b.op("Mul", [u_t, b.const(np.array(1 - 2**-23, np.float32))]), ax1], outputs=["uniforms32_t"])
+    b.op("Unsqueeze", ["temperature", ax0], outputs=["temp32_1n"])
+    _filter_settings(b, V, "32")
+
+
+def _branch(b, out):
+    """The nodes of builder b as an If branch whose output is its float32 value `out`."""
+    return helper.make_graph(b.nodes, out, [], [helper.make_tensor_value_info(out, FLOAT, None)], b.inits)
+
+
 def build_sampler_model(folded, block_size, metadata, fast_folded=None, small_rows=SMALL_ROWS):
     """fast_folded: the weights of the float32 fast path (default: folded). The tests give it slightly
     wrong ones, to check that the float64 stages correct any fast-path error under MARGIN.
@@ -182,39 +218,44 @@ def build_sampler_model(folded, block_size, metadata, fast_folded=None, small_ro
     ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
     N = b.op("Gather", [b.op("Shape", ["context"]), zero], hint="N")  # scalar
     T = b.op("Gather", [b.op("Shape", ["uniforms"]), one], hint="T")
-    b.op("Concat", [b.op("Unsqueeze", [N, zero]), b.const([3], dtype=np.int64)], axis=0, outputs=["N3"])  # [N, 3]
-    b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float32)), "N3"], outputs=["base32"])  # [token, logprob, thin]
     # The end token is forced at column max_tokens: u = -1 there (and after) makes the pick token 0.
     cols = b.op("Unsqueeze", [b.op("Range", [zero, T, one]), ax0])  # (1, T)
     forced = b.op("GreaterOrEqual", [cols, b.op("Unsqueeze", ["max_tokens", ax1])])  # (N, T)
-    b.op("Transpose", [b.op("Where", [forced, b.const(np.array(-1.0, np.float32)), "uniforms"])], perm=[1, 0], outputs=["u_t"])  # (T, N)
-    b.op("Unsqueeze", [b.op("Mul", ["u_t", b.const(np.array(1 - 2**-23, np.float32))]), ax1], outputs=["uniforms32_t"])  # (T, 1, N)
-    b.op("Unsqueeze", ["temperature", ax0], outputs=["temp32_1n"])
+    b.op("Where", [forced, b.const(np.array(-1.0, np.float32)), "uniforms"], outputs=["u_nt"])  # (N, T)
     t1 = b.op("ReduceMin", [b.op("Cast", [b.op("Equal", ["temperature", b.const(np.array(1.0, np.float32))])], to=INT64)], keepdims=0)
     b.op("Greater", [t1, zero], outputs=["unit_temperature"])
     b.op("Greater", ["top_k", zero], outputs=["use_k"])
     b.op("Less", ["top_p", b.const(np.array(1.0, np.float32))], outputs=["use_p"])
     b.op("Or", ["use_k", "use_p"], outputs=["filtered"])
-    # top_k = 0 keeps all: the threshold is then the V-th largest.
-    k = b.op("Where", ["use_k", b.op("Min", ["top_k", b.const(np.array(V, np.int64))]), b.const(np.array(V, np.int64))])
-    b.op("Unsqueeze", [b.op("Sub", [k, one]), ax1], outputs=["kidx32_n1"])  # (N, 1)
+    any_filtered = _any(b, "filtered")
     # Fast path: every row, float32. Exact path: float64, the rows whose fast run had a thin margin.
     # The fast body is picked once per run: with the filters if a row uses top-k or top-p, else the cheapest.
-    # top_p >= 1 means 2, so no token is ever outside the nucleus.
-    b.op("Unsqueeze", [b.op("Where", ["use_p", "top_p", b.const(np.array(2.0, np.float32))]), ax1], outputs=["topp32_n1"])
     shift = logit_shift(fast_folded)
-    general = sampling_body(fast_folded, V, exact=False)
-    t1 = sampling_body(fast_folded, V, exact=False, unit_temperature=True, shift=shift)
-    if small_rows > 0:  # a few rows: the small loops (see SmallLoop)
-        small = b.op("And", [b.op("Greater", [N, zero]), b.op("LessOrEqual", [N, b.const(np.array(small_rows, np.int64))])])
-        general = (small, general, SmallLoop(fast_folded, V, unit_temperature=False))
-        t1 = (small, t1, SmallLoop(fast_folded, V, shift=shift))
-    plain = ("unit_temperature", general, t1)
-    filters = (_any(b, "use_p"), sampling_body(fast_folded, V, exact=False, filtered=True, top_p=False),
+    g = Builder("g_")  # the compacting loops: any batch
+    _general_inputs(g, V, N)
+    plain = ("unit_temperature", sampling_body(fast_folded, V, exact=False),
+             sampling_body(fast_folded, V, exact=False, unit_temperature=True, shift=shift))
+    filters = (_any(g, "use_p"), sampling_body(fast_folded, V, exact=False, filtered=True, top_p=False),
                sampling_body(fast_folded, V, exact=False, filtered=True))
-    fast = _run_loop(b, (_any(b, "filtered"), plain, filters), "context", N, T, "fast")
-    tok32, lp32 = _collect(b, fast, T, thin_out="rechecked")  # rechecked: a thin margin, check in float64
-    b.op("If", [_any(b, "rechecked")], outputs=["tokens", "logprob"],
+    fast = _run_loop(g, (any_filtered, plain, filters), "context", N, T, "fast")
+    if small_rows > 0:  # a few rows without top-k or top-p: the small loops (see SmallLoop), in their own branch
+        # that skips _general_inputs; N * T > 0: a run without columns takes the compacting loop, whose output
+        # _run_loop reshapes (SmallLoop's isn't).
+        m = Builder("m_")
+        fast_m = m.name("fast")
+        nodes, inits = _dispatch(("unit_temperature", SmallLoop(fast_folded, V, unit_temperature=False),
+                                  SmallLoop(fast_folded, V, shift=shift)), [T, None, "context", None], fast_m)
+        m.nodes += nodes
+        m.inits += inits
+        small = b.op("And", [b.op("Greater", [b.op("Mul", [N, T]), zero]),
+                             b.op("LessOrEqual", [N, b.const(np.array(small_rows, np.int64))])])
+        use_small = b.op("And", [small, b.op("Not", [any_filtered])])
+        fast = b.op("If", [use_small], then_branch=_branch(m, fast_m), else_branch=_branch(g, fast), hint="fast")
+    else:
+        b.nodes += g.nodes
+        b.inits += g.inits
+    tok32, lp32, any_thin = _collect(b, fast, T, thin_out="rechecked")  # rechecked: a thin margin, check in float64
+    b.op("If", [any_thin], outputs=["tokens", "logprob"],
          then_branch=_check_stage(folded, V, block_size, T, tok32, lp32, fast), else_branch=_keep_fast(tok32, lp32, "f"))
     vi = helper.make_tensor_value_info
     graph = helper.make_graph(

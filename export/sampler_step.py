@@ -4,7 +4,7 @@ the exact float64 path, and SmallLoop for a few rows. export/sampler_graph.py ru
 import numpy as np
 from onnx import helper
 
-from export.graphs import BOOL, DOUBLE, FLOAT, INT64, Builder, add_forward, weight_inits
+from export.graphs import BOOL, DOUBLE, FLOAT, INT64, UINT8, Builder, add_forward, add_mlp, embed, weight_inits
 
 # Fast-path steps whose uniform came this close (times temperature) to a CDF boundary are checked in float64.
 # float32 vs float64 normalised-CDF differences are ~1e-6 / temperature (at most 1.35e-6 over every context
@@ -205,12 +205,12 @@ def sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shif
 
 class SmallLoop:
     """The fast path for a few rows without top-k or top-p, where ONNX Runtime's ~1 us per node, not
-    arithmetic, is the cost: a body of 19 nodes (21 without a logit shift, 22 with per-row temperatures)
+    arithmetic, is the cost: a body of 16 nodes (18 without a logit shift, 19 with per-row temperatures)
     instead of 41-50. It keeps every row to the end instead of compacting (rows that ended carry on and are
-    masked out afterwards), works in (N, V) so tokens come out as the (N, 1) column the context takes, and emits
-    each step's logits and tokens as scan outputs; the log-probabilities and margins (the formulas of
-    sampling_body) are computed once over all the steps after the loop. The result is _run_loop's
-    (steps, N, 3) [token, logprob, thin].
+    masked out afterwards), works in (N, V), carries the context embedded (each step gathers only the new
+    token's embedding, so no Flatten) and picks with an ArgMax; it emits each step's logits and tokens as
+    scan outputs, and the log-probabilities and margins (the formulas of sampling_body) are computed once
+    over all the steps after the loop. The result is _run_loop's (steps, N, 3) [token, logprob, thin].
     unit_temperature with a `shift` (logit_shift): s = logits - shift, as in sampling_body; otherwise
     s = logits - max, and the weights are exp(s / each row's temperature)."""
 
@@ -219,52 +219,69 @@ class SmallLoop:
         static = unit_temperature and shift is not None
         tag = "small_t1" if unit_temperature else "small"
         self.u, self.temp = f"uniforms32_tn1_{tag}", f"temp32_n1_{tag}"  # (T, N, 1), (N, 1) from build()
+        self.wte = folded.wte.weight.detach().cpu().double().numpy().astype(np.float32)  # (V, n_embd)
         b = Builder(f"s32_{tag}_")
-        lt = add_forward(b, weight_inits(b, folded, head_shift=shift if static else 0.0), "ctx_in")  # (N, V)
+        w = weight_inits(b, folded, head_shift=shift if static else 0.0)
+        lt = add_mlp(b, w, "x_in")  # (N, V) from the embedded context (N, block_size * n_embd)
         if not static:  # (N, V) logits - max; else logits - shift, from the head's bias
             lt = b.op("Sub", [lt, b.op("ReduceMax", [lt, b.const([1], dtype=np.int64)], keepdims=1)])
         s = lt
         wt = b.op("Exp", [s if unit_temperature else b.op("Div", [s, self.temp])])
         cdf, total = _cdf(b, wt, V, 1)  # (N, V), (N, 1)
-        tok_f, tok = _pick(b, cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total]), 1, FLOAT)  # (N, 1)
-        # alive: 1 until the row's end token (tok_f = 0), then 0; the loop stops when no row is alive.
-        b.op("Min", ["alive_in", tok_f], outputs=["alive_out"])
+        # _pick's token, count(cdf <= x), as the first index where cdf > x (cdf is non-decreasing and x < total,
+        # see _pick), in one node fewer and as int64 already.
+        above = b.op("Cast", [b.op("Greater", [cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total])])], to=UINT8)
+        tok = b.op("ArgMax", [above], axis=1, keepdims=0, hint="tok")  # (N,) int64
+        # alive: 1 until the row's end token (0), then 0; the loop stops when no row is alive.
+        b.op("Min", ["alive_in", tok], outputs=["alive_out"])
         b.op("Cast", [b.op("ReduceMax", ["alive_out"], keepdims=0)], outputs=["cond_out"], to=BOOL)
-        _next_context(b, "ctx_in", tok, outputs=["ctx_out"])
+        # The next embedded context: drop the oldest token's n_embd columns, append the new token's embedding.
+        E = self.wte.shape[1]
+        ax1 = b.const([1], dtype=np.int64)
+        end = b.const([np.iinfo(np.int64).max], dtype=np.int64)
+        kept = b.op("Slice", ["x_in", b.const([E], dtype=np.int64), end, ax1])  # (N, (block_size - 1) * n_embd)
+        b.op("Concat", [kept, b.op("Gather", [w["wte"], tok])], outputs=["x_out"], axis=1)
         vi = helper.make_tensor_value_info
         self.body = helper.make_graph(
             b.nodes, f"sample_step_{tag}",
-            [vi("i", INT64, []), vi("cond_in", BOOL, []), vi("ctx_in", INT64, None), vi("alive_in", FLOAT, None)],
-            [vi("cond_out", BOOL, []), vi("ctx_out", INT64, None), vi("alive_out", FLOAT, None),
-             vi(s, FLOAT, None), vi(tok_f, FLOAT, None)],
+            [vi("i", INT64, []), vi("cond_in", BOOL, []), vi("x_in", FLOAT, None), vi("alive_in", INT64, None)],
+            [vi("cond_out", BOOL, []), vi("x_out", FLOAT, None), vi("alive_out", INT64, None),
+             vi(s, FLOAT, None), vi(tok, INT64, None)],
             b.inits,
         )
 
     def build(self, inputs, out):
-        """-> nodes and initializers computing `out` (steps, N, 3) from _run_loop's Loop inputs."""
-        T, cond0, ctx0, _ = inputs
+        """-> nodes and initializers computing `out` (steps, N, 3). inputs: (T, -, ctx0, -) in the order of
+        _run_loop's Loop inputs; the condition and row ids aren't needed: a SmallLoop run has rows and steps
+        (see build_sampler_model), and keeps every row."""
+        T, _, ctx0, _ = inputs
         b = Builder(out + "_small_")
-        ax0 = b.const([0], dtype=np.int64)
-        b.op("Transpose", ["uniforms32_t"], outputs=[self.u], perm=[0, 2, 1])  # (T, N, 1)
+        ax0, ax2 = b.const([0], dtype=np.int64), b.const([2], dtype=np.int64)
+        # The main graph's u_nt (N, T): uniforms with -1 from each row's forced end on.
+        u = b.op("Mul", ["u_nt", b.const(np.array(1 - 2**-23, np.float32))])  # the factor of _pick
+        b.op("Unsqueeze", [b.op("Transpose", [u], perm=[1, 0]), ax2], outputs=[self.u])  # (T, N, 1)
         if not self.unit:
-            b.op("Transpose", ["temp32_1n"], outputs=[self.temp], perm=[1, 0])  # (N, 1)
-        n1 = b.op("Concat", [b.op("Shape", [ctx0], start=0, end=1), b.const([1], dtype=np.int64)], axis=0)  # [N, 1]
-        alive0 = b.op("ConstantOfShape", [n1], value=helper.make_tensor("one", FLOAT, [1], [1.0]))  # (N, 1)
-        S, K = b.name("s"), b.name("tokens")  # (steps, N, V), (steps, N, 1)
-        loop_out = [b.name("ctx"), b.name("alive"), S, K]
-        b.nodes.append(helper.make_node("Loop", [T, cond0, ctx0, alive0], loop_out, body=self.body))
-        zero = b.const(np.array(0.0, np.float32))
-        ends = b.op("Cast", [b.op("Equal", [K, zero])], to=FLOAT)  # (steps, N, 1): 1 at a row's end token
+            b.op("Unsqueeze", ["temperature", b.const([1], dtype=np.int64)], outputs=[self.temp])  # (N, 1)
+        x0 = embed(b, b.const(self.wte, "wte"), ctx0)  # (N, block_size * n_embd)
+        alive0 = b.op("ConstantOfShape", [b.op("Shape", [ctx0], start=0, end=1)],
+                      value=helper.make_tensor("one", INT64, [1], [1]))  # (N,)
+        S, K = b.name("s"), b.name("tokens")  # (steps, N, V), (steps, N)
+        loop_out = [b.name("x"), b.name("alive"), S, K]
+        b.nodes.append(helper.make_node("Loop", [T, b.const(np.array(True)), x0, alive0], loop_out, body=self.body))
+        tok = b.op("Unsqueeze", [K, ax2])  # (steps, N, 1) int64
+        zero = b.const(np.array(0, np.int64))
+        ends = b.op("Cast", [b.op("Equal", [tok, zero])], to=FLOAT)  # (steps, N, 1): 1 at a row's end token
         ended = b.op("CumSum", [ends, b.const(np.array(0, np.int64))], exclusive=1)  # end tokens before each step
-        alive = b.op("Cast", [b.op("Equal", [ended, zero])], to=FLOAT)  # (steps, N, 1): the row hadn't ended before
+        # (steps, N, 1): the row hadn't ended before
+        alive = b.op("Cast", [b.op("Equal", [ended, b.const(np.array(0.0, np.float32))])], to=FLOAT)
         wt = b.op("Exp", [S if self.unit else b.op("Div", [S, self.temp])])
         cdf, total = _cdf(b, wt, self.V, 2)  # (steps, N, V), (steps, N, 1)
         u = b.op("Slice", [self.u, ax0, b.op("Shape", [K], start=0, end=1), ax0])  # (steps, N, 1)
-        tok = b.op("Cast", [K], to=INT64)
         # The model's own log-probability (temperature 1): its own sum of exp(s) unless that is the CDF's total.
-        sumexp = total if self.unit else b.op("ReduceSum", [b.op("Exp", [S]), b.const([2], dtype=np.int64)], keepdims=1)
+        sumexp = total if self.unit else b.op("ReduceSum", [b.op("Exp", [S]), ax2], keepdims=1)
         lp = _logprob(b, S, tok, sumexp, 2)
         margin = _margin(b, cdf, wt, b.op("Mul", [u, total]), total, tok, 2)
         thin = _thin(b, margin if self.unit else b.op("Mul", [margin, _error_scale(b, self.temp)]))
-        b.op("Mul", [b.op("Concat", [K, lp, thin], axis=2), alive], outputs=[out])  # (steps, N, 3), ended rows 0
+        out3 = b.op("Concat", [b.op("Cast", [tok], to=FLOAT), lp, thin], axis=2)
+        b.op("Mul", [out3, alive], outputs=[out])  # (steps, N, 3), ended rows 0
         return b.nodes, b.inits

@@ -217,10 +217,11 @@ def test_top_k_1_at_u_0_takes_the_most_likely_token(cpu_engine, tiny_checkpoint)
     assert (tokens == spec(model, feeds)[0].numpy()).all()
 
 
-@pytest.mark.parametrize("N, T", [(0, 6), (0, 1), (3, 1)])
+@pytest.mark.parametrize("N, T", [(0, 6), (0, 1), (3, 1), (1, 0), (3, 0), (20, 0)])
 def test_sampler_graph_empty_batch_and_no_characters(cpu_engine, N, T):
-    """Edge shapes of the graph's inputs: no rows, and a single column (only the forced end token)."""
-    feeds = unit_feeds(np.zeros((N, cpu_engine.block_size)), np.full((N, T), 0.5, np.float32), T - 1)
+    """Edge shapes of the graph's inputs: no rows, a single column (only the forced end token), and no
+    columns at all (not even the end token), on the small path (N <= 16) and the compacting one."""
+    feeds = unit_feeds(np.zeros((N, cpu_engine.block_size)), np.full((N, T), 0.5, np.float32), max(T - 1, 0))
     tokens, logprob, rechecked = cpu_engine.sampler.run(None, feeds)
     assert tokens.shape == (N, T) and logprob.shape == rechecked.shape == (N,)
     assert (tokens == 0).all() and not rechecked.any()

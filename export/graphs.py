@@ -10,8 +10,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18
-FLOAT, DOUBLE, INT64, BOOL, UINT8 = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL,
-                                     TensorProto.UINT8)
+FLOAT, DOUBLE, INT64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 
 
 class Builder:

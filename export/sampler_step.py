@@ -4,7 +4,7 @@ the exact float64 path, and SmallLoop for a few rows. export/sampler_graph.py ru
 import numpy as np
 from onnx import helper
 
-from export.graphs import BOOL, DOUBLE, FLOAT, INT64, UINT8, Builder, add_forward, add_mlp, embed, weight_inits
+from export.graphs import BOOL, DOUBLE, FLOAT, INT64, Builder, add_forward, add_mlp, embed, weight_inits
 
 # Fast-path steps whose uniform came this close (times temperature) to a CDF boundary are checked in float64.
 # float32 vs float64 normalised-CDF differences are ~1e-6 / temperature (at most 1.35e-6 over every context
@@ -229,8 +229,8 @@ class SmallLoop:
         wt = b.op("Exp", [s if unit_temperature else b.op("Div", [s, self.temp])])
         cdf, total = _cdf(b, wt, V, 1)  # (N, V), (N, 1)
         # _pick's token, count(cdf <= x), as the first index where cdf > x (cdf is non-decreasing and x < total,
-        # see _pick), in one node fewer and as int64 already.
-        above = b.op("Cast", [b.op("Greater", [cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total])])], to=UINT8)
+        # see _pick), in one node fewer and as int64 already. (ArgMax over floats: CUDA has no integer ArgMax.)
+        above = b.op("Cast", [b.op("Greater", [cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total])])], to=FLOAT)
         tok = b.op("ArgMax", [above], axis=1, keepdims=0, hint="tok")  # (N,) int64
         # alive: 1 until the row's end token (0), then 0; the loop stops when no row is alive.
         b.op("Min", ["alive_in", tok], outputs=["alive_out"])

@@ -42,7 +42,7 @@ def add_forward(b, weights, ctx, transposed=False):
 
 
 def embed(b, wte, ctx):
-    """int64 (M, block_size) context -> its embeddings side by side, (M, block_size * n_embd) float32."""
+    """int64 (M, block_size) context -> its embeddings side by side, (M, block_size * n_embd) in wte's dtype."""
     emb = b.op("Gather", [wte, ctx], hint="emb")  # (M, block_size, n_embd)
     return b.op("Flatten", [emb], axis=1, hint="x")
 

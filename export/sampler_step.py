@@ -205,10 +205,10 @@ def sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shif
 
 class SmallLoop:
     """The fast path for a few rows without top-k or top-p, where ONNX Runtime's ~1 us per node, not
-    arithmetic, is the cost: a body of 16 nodes (18 without a logit shift, 19 with per-row temperatures)
+    arithmetic, is the cost: a body of 17 nodes (19 without a logit shift, 20 with per-row temperatures)
     instead of 41-50. It keeps every row to the end instead of compacting (rows that ended carry on and are
     masked out afterwards), works in (N, V), carries the context embedded (each step gathers only the new
-    token's embedding, so no Flatten) and picks with an ArgMax; it emits each step's logits and tokens as
+    token's embedding, so no Flatten) and counts its token as int64; it emits each step's logits and tokens as
     scan outputs, and the log-probabilities and margins (the formulas of sampling_body) are computed once
     over all the steps after the loop. The result is _run_loop's (steps, N, 3) [token, logprob, thin].
     unit_temperature with a `shift` (logit_shift): s = logits - shift, as in sampling_body; otherwise
@@ -228,10 +228,11 @@ class SmallLoop:
         s = lt
         wt = b.op("Exp", [s if unit_temperature else b.op("Div", [s, self.temp])])
         cdf, total = _cdf(b, wt, V, 1)  # (N, V), (N, 1)
-        # _pick's token, count(cdf <= x), as the first index where cdf > x (cdf is non-decreasing and x < total,
-        # see _pick), in one node fewer and as int64 already. (ArgMax over floats: CUDA has no integer ArgMax.)
-        above = b.op("Cast", [b.op("Greater", [cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total])])], to=FLOAT)
-        tok = b.op("ArgMax", [above], axis=1, keepdims=0, hint="tok")  # (N,) int64
+        # _pick's token, count(cdf <= x), summed as int64: one node fewer than _pick's float count, and the
+        # index the next context's Gather takes. (Not an ArgMax of cdf > x: which of its tied maxima a GPU's
+        # ArgMax returns is not specified.)
+        below = b.op("Cast", [b.op("LessOrEqual", [cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total])])], to=INT64)
+        tok = b.op("ReduceSum", [below, b.const([1], dtype=np.int64)], keepdims=0, hint="tok")  # (N,) int64
         # alive: 1 until the row's end token (0), then 0; the loop stops when no row is alive.
         b.op("Min", ["alive_in", tok], outputs=["alive_out"])
         b.op("Cast", [b.op("ReduceMax", ["alive_out"], keepdims=0)], outputs=["cond_out"], to=BOOL)

@@ -220,7 +220,7 @@ def test_top_k_1_at_u_0_takes_the_most_likely_token(cpu_engine, tiny_checkpoint)
 @pytest.mark.parametrize("N, T", [(0, 6), (0, 1), (3, 1), (1, 0), (3, 0), (20, 0)])
 def test_sampler_graph_empty_batch_and_no_characters(cpu_engine, N, T):
     """Edge shapes of the graph's inputs: no rows, a single column (only the forced end token), and no
-    columns at all (not even the end token), on the small path (N <= 16) and the compacting one."""
+    columns at all (not even the end token), which always take the compacting loop, at N <= 16 too."""
     feeds = unit_feeds(np.zeros((N, cpu_engine.block_size)), np.full((N, T), 0.5, np.float32), max(T - 1, 0))
     tokens, logprob, rechecked = cpu_engine.sampler.run(None, feeds)
     assert tokens.shape == (N, T) and logprob.shape == rechecked.shape == (N,)
@@ -261,8 +261,9 @@ def sampler_session(folded, block_size, **kwargs):
 def test_small_batches_match_the_compacting_loop_and_the_spec(tiny_checkpoint, loud):
     """Batches of up to SMALL_ROWS rows without top-k / top-p take SmallLoop (no compaction, logprobs and
     margins after the loop): the same tokens and recheck flags as the compacting loop, the spec's tokens;
-    at temperature 1 and at per-row temperatures, with the logit shift and (loud: logits too large to
-    bound) without it."""
+    at temperature 1 and at per-row temperatures (the smallest float32 one too, where most weights are 0
+    and the CDF has flat stretches, with some uniforms 0), with the logit shift and (loud: logits too
+    large to bound) without it."""
     from export.fold import fold_for_export
     from export.graphs import logit_shift
     from export.sampler_graph import SMALL_ROWS
@@ -278,9 +279,11 @@ def test_small_batches_match_the_compacting_loop_and_the_spec(tiny_checkpoint, l
     small, plain = sampler_session(folded, B), sampler_session(folded, B, small_rows=0)
     rng = np.random.default_rng(5)
     for N in (1, 2, 7, SMALL_ROWS):
-        for temperatures in ([1.0], [0.4, 1.0, 1.7]):
+        for temperatures in ([1.0], [0.4, 1.0, 1.7], [FLOAT32_TINY, 1.0]):
             for _ in range(20):
-                feeds = unit_feeds(rng.integers(0, V, (N, B)), rng.random((N, T), dtype=np.float32), T - 1)
+                u = rng.random((N, T), dtype=np.float32)
+                u[rng.random((N, T)) < 0.2] = 0.0
+                feeds = unit_feeds(rng.integers(0, V, (N, B)), u, T - 1)
                 feeds["max_tokens"] = rng.integers(0, T, N).astype(np.int64)
                 feeds["temperature"] = rng.choice(temperatures, N).astype(np.float32)
                 (tok, lp, re), (tok0, lp0, re0) = small.run(None, feeds), plain.run(None, feeds)

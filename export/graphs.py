@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18
 FLOAT, DOUBLE, INT64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
+INT32 = TensorProto.INT32
 
 
 class Builder:

@@ -4,7 +4,7 @@ the exact float64 path, and SmallLoop for a few rows. export/sampler_graph.py ru
 import numpy as np
 from onnx import helper
 
-from export.graphs import BOOL, DOUBLE, FLOAT, INT64, Builder, add_forward, add_mlp, embed, weight_inits
+from export.graphs import BOOL, DOUBLE, FLOAT, INT32, INT64, Builder, add_forward, add_mlp, embed, weight_inits
 
 # Fast-path steps whose uniform came this close (times temperature) to a CDF boundary are checked in float64.
 # float32 vs float64 normalised-CDF differences are ~1e-6 / temperature (at most 1.35e-6 over every context
@@ -208,7 +208,7 @@ class SmallLoop:
     arithmetic, is the cost: a body of 17 nodes (19 without a logit shift, 20 with per-row temperatures)
     instead of 41-50. It keeps every row to the end instead of compacting (rows that ended carry on and are
     masked out afterwards), works in (N, V), carries the context embedded (each step gathers only the new
-    token's embedding, so no Flatten) and counts its token as int64; it emits each step's logits and tokens as
+    token's embedding, so no Flatten) and counts its token as int32; it emits each step's logits and tokens as
     scan outputs, and the log-probabilities and margins (the formulas of sampling_body) are computed once
     over all the steps after the loop. The result is _run_loop's (steps, N, 3) [token, logprob, thin].
     unit_temperature with a `shift` (logit_shift): s = logits - shift, as in sampling_body; otherwise
@@ -228,11 +228,11 @@ class SmallLoop:
         s = lt
         wt = b.op("Exp", [s if unit_temperature else b.op("Div", [s, self.temp])])
         cdf, total = _cdf(b, wt, V, 1)  # (N, V), (N, 1)
-        # _pick's token, count(cdf <= x), summed as int64: one node fewer than _pick's float count, and the
-        # index the next context's Gather takes. (Not an ArgMax of cdf > x: which of its tied maxima a GPU's
-        # ArgMax returns is not specified.)
-        below = b.op("Cast", [b.op("LessOrEqual", [cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total])])], to=INT64)
-        tok = b.op("ReduceSum", [below, b.const([1], dtype=np.int64)], keepdims=0, hint="tok")  # (N,) int64
+        # _pick's token, count(cdf <= x), summed as int32: one node fewer than _pick's float count, and an
+        # index the next context's Gather takes. (int32: ONNX Runtime's CUDA ReduceSum has no int64 kernel.
+        # Not an ArgMax of cdf > x: which of its tied maxima a GPU's ArgMax returns is not specified.)
+        below = b.op("Cast", [b.op("LessOrEqual", [cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total])])], to=INT32)
+        tok = b.op("ReduceSum", [below, b.const([1], dtype=np.int64)], keepdims=0, hint="tok")  # (N,) int32
         # alive: 1 until the row's end token (0), then 0; the loop stops when no row is alive.
         b.op("Min", ["alive_in", tok], outputs=["alive_out"])
         b.op("Cast", [b.op("ReduceMax", ["alive_out"], keepdims=0)], outputs=["cond_out"], to=BOOL)
@@ -245,9 +245,9 @@ class SmallLoop:
         vi = helper.make_tensor_value_info
         self.body = helper.make_graph(
             b.nodes, f"sample_step_{tag}",
-            [vi("i", INT64, []), vi("cond_in", BOOL, []), vi("x_in", FLOAT, None), vi("alive_in", INT64, None)],
-            [vi("cond_out", BOOL, []), vi("x_out", FLOAT, None), vi("alive_out", INT64, None),
-             vi(s, FLOAT, None), vi(tok, INT64, None)],
+            [vi("i", INT64, []), vi("cond_in", BOOL, []), vi("x_in", FLOAT, None), vi("alive_in", INT32, None)],
+            [vi("cond_out", BOOL, []), vi("x_out", FLOAT, None), vi("alive_out", INT32, None),
+             vi(s, FLOAT, None), vi(tok, INT32, None)],
             b.inits,
         )
 
@@ -265,12 +265,12 @@ class SmallLoop:
             b.op("Unsqueeze", ["temperature", b.const([1], dtype=np.int64)], outputs=[self.temp])  # (N, 1)
         x0 = embed(b, b.const(self.wte, "wte"), ctx0)  # (N, block_size * n_embd)
         alive0 = b.op("ConstantOfShape", [b.op("Shape", [ctx0], start=0, end=1)],
-                      value=helper.make_tensor("one", INT64, [1], [1]))  # (N,)
+                      value=helper.make_tensor("one", INT32, [1], [1]))  # (N,)
         S, K = b.name("s"), b.name("tokens")  # (steps, N, V), (steps, N)
         loop_out = [b.name("x"), b.name("alive"), S, K]
         b.nodes.append(helper.make_node("Loop", [T, b.const(np.array(True)), x0, alive0], loop_out, body=self.body))
-        tok = b.op("Unsqueeze", [K, ax2])  # (steps, N, 1) int64
-        zero = b.const(np.array(0, np.int64))
+        tok = b.op("Unsqueeze", [K, ax2])  # (steps, N, 1) int32
+        zero = b.const(np.array(0, np.int32))
         ends = b.op("Cast", [b.op("Equal", [tok, zero])], to=FLOAT)  # (steps, N, 1): 1 at a row's end token
         ended = b.op("CumSum", [ends, b.const(np.array(0, np.int64))], exclusive=1)  # end tokens before each step
         # (steps, N, 1): the row hadn't ended before

@@ -229,7 +229,7 @@ class SmallLoop:
         wt = b.op("Exp", [s if unit_temperature else b.op("Div", [s, self.temp])])
         cdf, total = _cdf(b, wt, V, 1)  # (N, V), (N, 1)
         # _pick's token, count(cdf <= x), summed as int32: one node fewer than _pick's float count, and an
-        # index the next context's Gather takes. (int32: ONNX Runtime's CUDA ReduceSum has no int64 kernel.
+        # index the next context's Gather takes. (int32: ONNX Runtime's CUDA ReduceSum has int32 kernels, maybe no int64.
         # Not an ArgMax of cdf > x: which of its tied maxima a GPU's ArgMax returns is not specified.)
         below = b.op("Cast", [b.op("LessOrEqual", [cdf, b.op("Mul", [b.op("Gather", [self.u, "i"]), total])])], to=INT32)
         tok = b.op("ReduceSum", [below, b.const([1], dtype=np.int64)], keepdims=0, hint="tok")  # (N,) int32

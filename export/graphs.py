@@ -58,10 +58,15 @@ def add_mlp(b, weights, x, transposed=False):
     return b.op("Gemm", [x, weights["head_w"], weights["head_b"]], transB=1, hint="logits")  # (M, vocab)
 
 
+def as_array(t, dtype=np.float32):
+    """A weight tensor as numpy, rounded from float64 to dtype (every graph's weights are made so)."""
+    return t.detach().cpu().double().numpy().astype(dtype)
+
+
 def weight_inits(b, folded, transposed=False, dtype=np.float32, head_shift=0.0):
     """Register the folded model's tensors as initializers; returns their names. head_shift is subtracted
     from the output bias (in float64, before the cast), so the graph's logits are logits - head_shift."""
-    f32 = lambda t: t.detach().cpu().double().numpy().astype(dtype)  # noqa: E731
+    f32 = lambda t: as_array(t, dtype)  # noqa: E731
     bias = f32(folded.lm_head.bias - head_shift)
     return {
         "wte": b.const(f32(folded.wte.weight), "wte"),

@@ -196,8 +196,7 @@ def _general_inputs(b, V, N):
     ax0, ax1 = b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)
     n3 = b.op("Concat", [b.op("Unsqueeze", [N, ax0]), b.const([3], dtype=np.int64)], axis=0)  # [N, 3]
     b.op("Expand", [b.const(np.array([[0.0, 0.0, 0.0]], np.float32)), n3], outputs=["base32"])  # [token, logprob, thin]
-    u_t = b.op("Transpose", ["u_nt"], perm=[1, 0])  # (T, N)
-    b.op("Unsqueeze", [b.op("Mul", [u_t, b.const(np.array(1 - 2**-23, np.float32))]), ax1], outputs=["uniforms32_t"])
+    b.op("Unsqueeze", [b.op("Transpose", ["u32_nt"], perm=[1, 0]), ax1], outputs=["uniforms32_t"])  # (T, 1, N)
     b.op("Unsqueeze", ["temperature", ax0], outputs=["temp32_1n"])
     _filter_settings(b, V, "32")
 
@@ -222,6 +221,8 @@ def build_sampler_model(folded, block_size, metadata, fast_folded=None, small_ro
     cols = b.op("Unsqueeze", [b.op("Range", [zero, T, one]), ax0])  # (1, T)
     forced = b.op("GreaterOrEqual", [cols, b.op("Unsqueeze", ["max_tokens", ax1])])  # (N, T)
     b.op("Where", [forced, b.const(np.array(-1.0, np.float32)), "uniforms"], outputs=["u_nt"])  # (N, T)
+    # What the float32 loops compare: times _pick's factor, once for either kind of loop.
+    b.op("Mul", ["u_nt", b.const(np.array(1 - 2**-23, np.float32))], outputs=["u32_nt"])
     t1 = b.op("ReduceMin", [b.op("Cast", [b.op("Equal", ["temperature", b.const(np.array(1.0, np.float32))])], to=INT64)], keepdims=0)
     b.op("Greater", [t1, zero], outputs=["unit_temperature"])
     b.op("Greater", ["top_k", zero], outputs=["use_k"])

@@ -4,7 +4,7 @@ the exact float64 path, and SmallLoop for a few rows. export/sampler_graph.py ru
 import numpy as np
 from onnx import helper
 
-from export.graphs import BOOL, DOUBLE, FLOAT, INT32, INT64, Builder, add_forward, add_mlp, embed, weight_inits
+from export.graphs import BOOL, DOUBLE, FLOAT, INT32, INT64, Builder, add_forward, add_mlp, as_array, embed, weight_inits
 
 # Fast-path steps whose uniform came this close (times temperature) to a CDF boundary are checked in float64.
 # float32 vs float64 normalised-CDF differences are ~1e-6 / temperature (at most 1.35e-6 over every context
@@ -219,7 +219,7 @@ class SmallLoop:
         static = unit_temperature and shift is not None
         tag = "small_t1" if unit_temperature else "small"
         self.u, self.temp = f"uniforms32_tn1_{tag}", f"temp32_n1_{tag}"  # (T, N, 1), (N, 1) from build()
-        self.wte = folded.wte.weight.detach().cpu().double().numpy().astype(np.float32)  # (V, n_embd)
+        self.wte = as_array(folded.wte.weight)  # (V, n_embd)
         b = Builder(f"s32_{tag}_")
         w = weight_inits(b, folded, head_shift=shift if static else 0.0)
         lt = add_mlp(b, w, "x_in")  # (N, V) from the embedded context (N, block_size * n_embd)
@@ -258,9 +258,8 @@ class SmallLoop:
         T, _, ctx0, _ = inputs
         b = Builder(out + "_small_")
         ax0, ax2 = b.const([0], dtype=np.int64), b.const([2], dtype=np.int64)
-        # The main graph's u_nt (N, T): uniforms with -1 from each row's forced end on.
-        u = b.op("Mul", ["u_nt", b.const(np.array(1 - 2**-23, np.float32))])  # the factor of _pick
-        b.op("Unsqueeze", [b.op("Transpose", [u], perm=[1, 0]), ax2], outputs=[self.u])  # (T, N, 1)
+        # The main graph's u32_nt (N, T): the uniforms times _pick's factor, -1 from each row's forced end on.
+        b.op("Unsqueeze", [b.op("Transpose", ["u32_nt"], perm=[1, 0]), ax2], outputs=[self.u])  # (T, N, 1)
         if not self.unit:
             b.op("Unsqueeze", ["temperature", b.const([1], dtype=np.int64)], outputs=[self.temp])  # (N, 1)
         x0 = embed(b, b.const(self.wte, "wte"), ctx0)  # (N, block_size * n_embd)

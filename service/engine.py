@@ -249,15 +249,13 @@ class Engine:
     def _decoded(self, sess, feed):
         """One session run -> its Samples. (The third output, rows rechecked in float64, isn't used.)"""
         tokens, logprob, _ = sess.run(None, feed)
-        names = self.decode(tokens)
-        return Samples(names, logprob.astype(np.float64).tolist(), list(map(self.words.__contains__, names)))
+        return self._samples(self.decode(tokens), logprob.tolist())  # float32 -> Python floats, exactly
 
     def _accept(self, req, samples):
         """The Samples one request drew in a run -> those it gets: with its prefix, up to what it still owes."""
         if req.params.prefix:  # the graph sampled what follows the prefix
             prefix, lp = req.params.prefix, req.prefix_logprob
-            names = [prefix + s for s in samples.names]
-            samples = Samples(names, [x + lp for x in samples.logprobs], list(map(self.words.__contains__, names)))
+            samples = self._samples([prefix + s for s in samples.names], [x + lp for x in samples.logprobs])
         if req.params.only_new:
             samples = samples.where([not k for k in samples.in_training_data])
         if len(samples) > req.remaining:
@@ -273,6 +271,10 @@ class Engine:
                 "raise temperature or top_k, or ask for fewer"
             )
         return samples
+
+    def _samples(self, names, logprobs):
+        """Samples of these names and log-probabilities, each name looked up in the training data."""
+        return Samples(names, logprobs, list(map(self.words.__contains__, names)))
 
     def decode(self, tokens):
         """(N, T) token ids -> N strings (up to the first end token)."""

@@ -8,11 +8,13 @@ accepting and answering RPCs meanwhile), and resolves each job's future when it 
 Policies, and why:
 - No waiting when idle: a lone request is run at once, and when there is no concurrent traffic a
   small one runs right on the loop thread (see _inline). Only when the last run served several
-  requests and more arrived during it may the worker wait up to max_wait_ms for about as many to
-  arrive, never longer. Under load that wait is what makes batches: the event loop accepts one RPC
-  per pass, so without it a run serves only those accepted during the previous one. At concurrency 64
-  here a run served 3.5 requests with 1 ms, 6.2 with 3 ms and 11 with 5 ms, and each run took 0.6-0.9
-  ms of engine-thread CPU on the cores the loop uses (5 ms cost 10% at concurrency 4, where 3 ms didn't).
+  requests (n) and more arrived during it may the worker wait for about as many to arrive, at most
+  min(max_wait_ms, n x wait_per_request_ms), never longer. Under load that wait is what makes
+  batches: the event loop accepts one RPC per pass, so without it a run serves only those accepted
+  during the previous one, and each run took 0.6-0.9 ms of engine-thread CPU on the cores the loop
+  uses. At concurrency 64 here a run served 3.5 requests with a fixed 1 ms wait, 5.6-6.2 with 3 ms
+  and ~10 with the defaults (10 ms, 1 ms per request); the per-request bound keeps two requests
+  that merely overlapped from waiting long (at concurrency 4 and 8 the waits measured ~1 ms either way).
 - Fairness: a job larger than a batch is served a chunk per run and then goes to the back, behind
   jobs that arrived during the run. Small jobs go ahead of large ones (up to half of each run, see
   service.scheduling), and during a long run those that arrive get express runs on the loop thread
@@ -51,8 +53,8 @@ PROBE_EVERY = 4  # every 4th lone small run takes the long way (see Batcher._lon
 
 
 class Batcher(Admission):
-    def __init__(self, engine, max_batch_rows=1024, max_wait_ms=3.0, max_queue=1024, metrics=None, inline_rows=16,
-                 max_queue_names=1_000_000, busy_poll_ms=0.0):
+    def __init__(self, engine, max_batch_rows=1024, max_wait_ms=10.0, max_queue=1024, metrics=None, inline_rows=16,
+                 max_queue_names=1_000_000, busy_poll_ms=0.0, wait_per_request_ms=1.0):
         super().__init__(max_queue, max_queue_names)
         self.engine = engine
         self.inline_rows = inline_rows
@@ -67,6 +69,7 @@ class Batcher(Admission):
         self.express = self.batching and on_cpu
         self.inline_score_rows = SCORE_INLINE_ROWS if on_cpu and inline_rows else 0  # see score
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.wait_per_request = max(0.0, wait_per_request_ms) / 1000.0  # see _gather_more
         self.metrics = metrics
         self._score_lock = asyncio.Lock()  # Score calls are scored one at a time (see score)
         self._jobs = collections.deque()  # round-robin order of jobs waiting for a run
@@ -319,17 +322,21 @@ class Batcher(Admission):
         return len(parts) == 1 and self._lone_small_run(rows, now)
 
     async def _gather_more(self):
-        """Concurrent traffic: wait (at most max_wait) until about as many requests as last time arrived.
+        """Concurrent traffic: wait until about as many requests as last time arrived, at most
+        min(max_wait, wait_per_request x that many).
 
         submit wakes the worker only once that many are waiting: a wake-up per arrival cost the event
-        loop, the server's bottleneck under load, a pass and a wait_for task each."""
+        loop, the server's bottleneck under load, a pass and a wait_for task each. The cap grows with the
+        batch: a server that gets requests faster than one per wait_per_request gathers ever larger
+        batches, up to what arrives within max_wait (at concurrency 64 here, ~20 requests a run), while
+        a trickle (two requests that happened to overlap) waits at most a few milliseconds."""
         want = self._last_batch
         if self._waiting() >= want or self._rows_waiting() >= self.cap:  # a full batch is already there
             return
         self._wake.clear()
         self._wake_at = want
         try:
-            await asyncio.wait_for(self._wake.wait(), self.max_wait)
+            await asyncio.wait_for(self._wake.wait(), min(self.max_wait, self.wait_per_request * want))
         except asyncio.TimeoutError:
             pass
         finally:

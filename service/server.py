@@ -50,10 +50,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-rows", type=int, default=4096,
                     help="most names drawn in one model run across batched requests; 0 disables batching")
     ap.add_argument("--no-batching", action="store_true", help="same as --max-batch-rows 0")
-    ap.add_argument("--max-wait-ms", type=float, default=3.0,
+    ap.add_argument("--max-wait-ms", type=float, default=10.0,
                     help="under concurrent load, wait at most this long for a batch to fill "
-                         "(a lone request never waits); longer waits make larger, cheaper batches "
-                         "(3 rather than 1: +16%% requests/s at concurrency 64 on 2 cores, about even at 1-4)")
+                         "(a lone request never waits); longer waits make larger, cheaper batches")
+    ap.add_argument("--wait-per-request-ms", type=float, default=1.0,
+                    help="a wait for a batch of n requests lasts at most n times this (and --max-wait-ms): "
+                         "under heavy load batches grow, two requests that merely overlapped wait little")
     ap.add_argument("--inline-rows", type=int, default=16,
                     help="without concurrent traffic, a lone request of at most this many names runs on the event "
                          "loop thread instead of the engine thread (saves two thread hand-offs); so are Score calls of "
@@ -86,7 +88,7 @@ def parse_args(argv=None):
         if getattr(args, name) < lo:
             ap.error(f"--{name.replace('_', '-')} must be >= {lo}")
     bounds = {"port": (0, 65535), "metrics_port": (0, 65535), "threads": (0, MAX_THREADS),
-              "max_wait_ms": (0, 1000), "busy_poll_ms": (0, 1000), "grace": (0, 3600),
+              "max_wait_ms": (0, 1000), "wait_per_request_ms": (0, 1000), "busy_poll_ms": (0, 1000), "grace": (0, 3600),
               "max_samples": (1, INT32_MAX), "max_stream_samples": (1, INT32_MAX)}  # int32 in ModelInfo and requests
     for name, (lo, hi) in bounds.items():
         if not lo <= getattr(args, name) <= hi:  # NaN fails too
@@ -111,7 +113,7 @@ async def serve(args, engine):
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     batcher = Batcher(engine, args.max_batch_rows, args.max_wait_ms, args.max_queue, metrics, args.inline_rows,
-                      args.max_queue_names, args.busy_poll_ms)
+                      args.max_queue_names, args.busy_poll_ms, args.wait_per_request_ms)
     servicer = NameGeneratorServicer(engine, batcher, metrics, args.max_samples, args.max_stream_samples, args.max_streams)
     server = grpc.aio.server(
         options=[

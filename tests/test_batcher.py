@@ -110,9 +110,10 @@ def test_batcher_without_batching_keeps_queue_order(engine):
 
 
 def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine, monkeypatch):
-    """Only when jobs arrived during the last run does the worker wait, at most max_wait, until as many jobs
-    as that run served are there, however spread out they arrive; with fewer it runs what it has once
-    max_wait passed; a job of a whole run ends the wait; an idle worker wakes for a single job."""
+    """Only when jobs arrived during the last run does the worker wait, at most min(max_wait, wait_per_request
+    x as many jobs as that run served), until that many are there, however spread out they arrive; with fewer
+    it runs what it has once that time passed; a job of a whole run ends the wait; an idle worker wakes for a
+    single job."""
 
     class Slow(CountingEngine):
         delay = 0.0
@@ -143,7 +144,8 @@ def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine, 
             return first
 
         # inline_rows 0: even a lone small job goes through the worker, which this test is about
-        async with running(Batcher(eng, max_batch_rows=256, max_wait_ms=60_000, inline_rows=0)) as b:
+        async with running(Batcher(eng, max_batch_rows=256, max_wait_ms=60_000, inline_rows=0,
+                                   wait_per_request_ms=60_000)) as b:
             await asyncio.gather(*[submit(b, eng, 2, seed) for seed in (1, 2, 3)])
             await asyncio.sleep(0.01)  # idle after a run of three: a lone job runs at once, no timed wait
             await guard(submit(b, eng, 2, 4), 10)
@@ -161,6 +163,9 @@ def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine, 
             b.max_wait = 0.05  # now only one of the three wanted comes: it runs alone after max_wait
             await guard(await during_a_run_of_three((16, 17, 18), 19), 10)
             assert eng.runs[-2:] == [[(16, 2), (17, 2), (18, 2)], [(19, 2)]] and waits[2:] == [0.05]
+            b.max_wait, b.wait_per_request = 60.0, 0.02  # the same, bounded by 3 x wait_per_request instead
+            await guard(await during_a_run_of_three((21, 22, 23), 24), 10)
+            assert eng.runs[-2:] == [[(21, 2), (22, 2), (23, 2)], [(24, 2)]] and waits[3:] == [3 * 0.02]
             await asyncio.sleep(0.01)  # idle again, after a gather that wanted three: one job still wakes it
             await guard(submit(b, eng, 2, 20), 10)
             assert eng.runs[-1] == [(20, 2)]
@@ -174,7 +179,8 @@ def test_batcher_does_not_wait_for_the_rest_of_a_split_job(engine):
 
     async def main():
         eng = CountingEngine(engine)
-        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=60_000, inline_rows=0)) as b:
+        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=60_000, inline_rows=0,
+                                   wait_per_request_ms=60_000)) as b:
             await asyncio.wait_for(asyncio.gather(*[submit(b, eng, 3000, seed) for seed in (1, 2)]), 10)
             assert eng.runs == [[(1, 3000), (2, 1096)], [(2, 1904)]]
 

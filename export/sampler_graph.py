@@ -83,12 +83,13 @@ def _collect(b, steps, T, thin_out=None):
     lp = b.op("Gather", [sums, one], axis=1)  # (N,)
     tok = b.op("Cast", [b.op("Transpose", [b.op("Gather", [steps, zero], axis=2)], perm=[1, 0])], to=INT64)  # (N, steps)
     pads = b.op("Concat", [b.const([0, 0, 0], dtype=np.int64), b.op("Sub", [T, b.op("Shape", [tok], start=1, end=2)])], axis=0)
+    padded = b.op("Pad", [tok, pads])
     if not thin_out:
-        return b.op("Pad", [tok, pads]), lp
+        return padded, lp
     fzero = b.const(np.array(0, np.float32))
     thin = b.op("Gather", [sums, b.const(np.array(2, np.int64))], axis=1)  # (N,) count of thin steps
     b.op("Greater", [thin, fzero], outputs=[thin_out])
-    return b.op("Pad", [tok, pads]), lp, b.op("Greater", [b.op("ReduceSum", [thin], keepdims=0), fzero])
+    return padded, lp, b.op("Greater", [b.op("ReduceSum", [thin], keepdims=0), fzero])
 
 
 def _exact_inputs(b, folded, V, rows, u, tag):

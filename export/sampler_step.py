@@ -122,11 +122,12 @@ def _thin(b, margin):
     return b.op("Cast", [b.op("Less", [margin, b.const(np.array(MARGIN, np.float32))])], to=FLOAT)
 
 
-def _next_context(b, ctx, tok_col, outputs=1):
-    """(M, block_size) context -> the next step's: drop the oldest token, append tok_col (M, 1)."""
+def _next_context(b, ctx, new, outputs=1, width=1):
+    """(M, C) context -> the next step's: drop its first `width` columns (the oldest token), append new (M, width).
+    The token ids (M, block_size) with width 1, or SmallLoop's embedded context with width n_embd."""
     ax1 = b.const([1], dtype=np.int64)
-    kept = b.op("Slice", [ctx, ax1, b.const([np.iinfo(np.int64).max], dtype=np.int64), ax1])
-    return b.op("Concat", [kept, tok_col], outputs=outputs, axis=1)
+    kept = b.op("Slice", [ctx, b.const([width], dtype=np.int64), b.const([np.iinfo(np.int64).max], dtype=np.int64), ax1])
+    return b.op("Concat", [kept, new], outputs=outputs, axis=1)
 
 
 def sampling_body(folded, V, exact, unit_temperature=False, filtered=False, shift=None, top_p=True, tag=None):
@@ -236,12 +237,8 @@ class SmallLoop:
         # alive: 1 until the row's end token (0), then 0; the loop stops when no row is alive.
         b.op("Min", ["alive_in", tok], outputs=["alive_out"])
         b.op("Cast", [b.op("ReduceMax", ["alive_out"], keepdims=0)], outputs=["cond_out"], to=BOOL)
-        # The next embedded context: drop the oldest token's n_embd columns, append the new token's embedding.
-        E = self.wte.shape[1]
-        ax1 = b.const([1], dtype=np.int64)
-        end = b.const([np.iinfo(np.int64).max], dtype=np.int64)
-        kept = b.op("Slice", ["x_in", b.const([E], dtype=np.int64), end, ax1])  # (N, (block_size - 1) * n_embd)
-        b.op("Concat", [kept, b.op("Gather", [w["wte"], tok])], outputs=["x_out"], axis=1)
+        # The next embedded context: the oldest token's n_embd columns out, the new token's embedding in.
+        _next_context(b, "x_in", b.op("Gather", [w["wte"], tok]), outputs=["x_out"], width=self.wte.shape[1])
         vi = helper.make_tensor_value_info
         self.body = helper.make_graph(
             b.nodes, f"sample_step_{tag}",

@@ -9,6 +9,7 @@ in-flight RPCs finish within --grace seconds, exit 0. A second signal cuts the d
 """
 import argparse
 import asyncio
+import gc
 import math
 import signal
 import socket
@@ -177,6 +178,7 @@ async def serve(args, engine):
         await batcher.close()
         return 1
     if not stop.is_set():  # a signal during warm-up goes straight to the drain
+        settle_heap()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         print(f"serving (provider {engine.provider})", flush=True)
@@ -187,6 +189,15 @@ async def serve(args, engine):
     await batcher.close()
     print(f"stopped; {rss_report()}", flush=True)
     return 0
+
+
+def settle_heap():
+    """Hide what start-up made (modules, the model's metadata, grpc's and numpy's objects: ~40,000, none of
+    them ever garbage) from the garbage collector, which otherwise walks them all at every full collection.
+    At concurrency 64 here a full collection, every ~3,000 requests, went from 17-19 ms (a pause every
+    request in flight waits out) to 3.5-4.6 ms; throughput moved within the noise (+2% median, 8 of 10 pairs)."""
+    gc.collect()
+    gc.freeze()
 
 
 def receive_limit(itos, max_samples):

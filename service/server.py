@@ -2,10 +2,11 @@
 
 Start-up order, and why: load the model first (a missing or corrupt file exits non-zero with one
 line, before a port is taken), open the metrics port if asked (a failure there comes before the
-gRPC port is announced), bind and start with health NOT_SERVING, warm up, then SERVING. On
-SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session; handled once the model is loaded, before the
-port opens, warm-up included): NOT_SERVING (health Watch streams send it and end), stop accepting, let
-in-flight RPCs finish within --grace seconds, exit 0. A second signal cuts the drain short.
+gRPC port is announced), bind and start with health NOT_SERVING, warm up, freeze what start-up made
+(settle_heap), then SERVING. On SIGTERM/SIGINT/SIGHUP (a closed terminal or ssh session; handled once
+the model is loaded, before the port opens, warm-up included): NOT_SERVING (health Watch streams send
+it and end), stop accepting, let in-flight RPCs finish within --grace seconds, exit 0. A second signal
+cuts the drain short.
 """
 import argparse
 import asyncio

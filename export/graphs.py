@@ -5,6 +5,8 @@ model.onnx: context int64 (N, block_size) -> logits float32 (N, vocab)
 
 The sampler (sampler.onnx) is built from these in export/sampler_graph.py and export/sampler_step.py.
 """
+from functools import partial
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -66,12 +68,12 @@ def as_array(t, dtype=np.float32):
 def weight_inits(b, folded, transposed=False, dtype=np.float32, head_shift=0.0):
     """Register the folded model's tensors as initializers; returns their names. head_shift is subtracted
     from the output bias (in float64, before the cast), so the graph's logits are logits - head_shift."""
-    f32 = lambda t: as_array(t, dtype)  # noqa: E731
-    bias = f32(folded.lm_head.bias - head_shift)
+    arr = partial(as_array, dtype=dtype)
+    bias = arr(folded.lm_head.bias - head_shift)
     return {
-        "wte": b.const(f32(folded.wte.weight), "wte"),
-        "layers": [(b.const(f32(l.weight), f"W{i}"), b.const(f32(l.bias), f"b{i}")) for i, l in enumerate(folded.linears)],
-        "head_w": b.const(f32(folded.lm_head.weight), "head_w"),
+        "wte": b.const(arr(folded.wte.weight), "wte"),
+        "layers": [(b.const(arr(l.weight), f"W{i}"), b.const(arr(l.bias), f"b{i}")) for i, l in enumerate(folded.linears)],
+        "head_w": b.const(arr(folded.lm_head.weight), "head_w"),
         # (V, 1) bias for the transposed head, (V,) for the plain one
         "head_b_col" if transposed else "head_b": b.const(bias[:, None] if transposed else bias, "head_b"),
     }

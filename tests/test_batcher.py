@@ -448,3 +448,23 @@ def test_metrics_by_method_and_code():
     assert get("namegen_batch_rows_sum") == 100 and get("namegen_batch_requests_sum") == 3
     assert get("namegen_model_run_seconds_count") == 1
     assert get("namegen_process_peak_rss_bytes") >= get("process_resident_memory_bytes") > 0  # both in bytes
+
+
+def test_lone_small_runs_probe_for_concurrency_once_per_interval(engine):
+    """Without concurrent traffic a small run may go on the loop thread, except one per PROBE_INTERVAL (the first
+    included), which takes the queue so that waiting requests show up; concurrency seen keeps every run off the
+    loop thread for CONCURRENT_HOLD."""
+    from service.batcher import CONCURRENT_HOLD, PROBE_INTERVAL
+
+    b = Batcher(engine, inline_rows=16)
+    t = 100.0
+    assert not b._lone_small_run(1, t)  # the first probes
+    assert all(b._lone_small_run(16, t + dt) for dt in (0.0, 0.001, PROBE_INTERVAL * 0.99))
+    assert not b._lone_small_run(17, t + 0.001)  # more rows than inline_rows: never on the loop thread
+    t += PROBE_INTERVAL + 1e-6
+    assert not b._lone_small_run(1, t) and b._lone_small_run(1, t + 0.001)  # the next probe, then inline again
+    two = [(object(), 1), (object(), 1)]
+    assert not b._inline(two, 2, t)  # two requests in one run: concurrent traffic
+    assert not any(b._lone_small_run(1, t + dt) for dt in (0.001, PROBE_INTERVAL, CONCURRENT_HOLD * 0.99))
+    t += CONCURRENT_HOLD + 1e-6
+    assert not b._lone_small_run(1, t) and b._lone_small_run(1, t + 0.001)  # quiet again: a probe, then inline

@@ -55,6 +55,8 @@ _s.NameGeneratorServicer.Generate = _do_nothing
 ROWS = (
     Row("c1", "1-name Generate, concurrency 1", ("--concurrency", "1")),
     Row("c1-no-poll", "the same, `--busy-poll-ms 0`", ("--concurrency", "1"), ("--busy-poll-ms", "0")),
+    Row("c1-ceiling", "the same against a do-nothing `Generate` (Python gRPC's round trip)", ("--concurrency", "1"),
+        prelude=CEILING),
     Row("c64", "1-name Generate, concurrency 64, dynamic batching", ("--concurrency", "64")),
     Row("c64-no-batching", "the same, `--max-batch-rows 0` (no batching)", ("--concurrency", "64"), ("--max-batch-rows", "0")),
     Row("c64-ceiling", "the same against a do-nothing `Generate` (Python gRPC's ceiling)", ("--concurrency", "64"),

@@ -25,7 +25,7 @@ help:
 	@echo "make serve          serve it over gRPC on $(HOST):$(PORT) (builds what is missing first)"
 	@echo "make verify | bench parity report torch vs ONNX Runtime | sampling throughput benchmark"
 	@echo "make load           load-test a running server (LOAD_ARGS='$(LOAD_ARGS)')"
-	@echo "make load-report    the README's load-test table: a fresh server per row, ~3.5 min (REPORT_ARGS)"
+	@echo "make load-report    the README's load-test table: a fresh server per row, ~4 min (REPORT_ARGS)"
 	@echo "make lr-sweep       learning-rate search plot"
 	@echo "make data | proto   fetch and checksum names.txt | generate the gRPC stubs"
 	@echo "make test           the test suite (what CI runs); make test-all includes slow tests"

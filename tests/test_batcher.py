@@ -7,7 +7,7 @@ import types
 import pytest
 
 from service.admission import QueueFull
-from service.batcher import Batcher
+from service.batcher import CONCURRENT_HOLD, PROBE_INTERVAL, Batcher
 from service.busypoll import BusyPoll
 from service.engine import Engine
 from service.params import GenerateParams
@@ -454,8 +454,6 @@ def test_lone_small_runs_probe_for_concurrency_once_per_interval(engine):
     """Without concurrent traffic a small run may go on the loop thread, except one per PROBE_INTERVAL (the first
     included), which takes the queue so that waiting requests show up; concurrency seen keeps every run off the
     loop thread for CONCURRENT_HOLD."""
-    from service.batcher import CONCURRENT_HOLD, PROBE_INTERVAL
-
     b = Batcher(engine, inline_rows=16)
     t = 100.0
     assert not b._lone_small_run(1, t)  # the first probes

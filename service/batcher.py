@@ -49,8 +49,8 @@ SCORE_INLINE_ROWS = 256  # a Score call of at most this many rows is scored on t
                          # most here (each name costs more than a character)
 PROBE_INTERVAL = 0.05  # a lone small run takes the long way at most this often (see Batcher._lone_small_run)
 CONCURRENT_HOLD = 0.2  # seconds that seeing two requests at once keeps the server in "concurrent" mode: several
-                       # probe intervals, or moderate concurrency (2-8) drops out of batching between probes
-                       # (a 50 ms hold with 50 ms probes measured ~6% fewer requests/s at concurrency 8)
+                       # probe intervals, or moderate concurrency drops out of batching between probes (a 50 ms
+                       # hold with 50 ms probes measured ~6% fewer requests/s at concurrency 8)
 
 
 class Batcher(Admission):

@@ -8,13 +8,13 @@ accepting and answering RPCs meanwhile), and resolves each job's future when it 
 Policies, and why:
 - No waiting when idle: a lone request is run at once, and when there is no concurrent traffic a
   small one runs right on the loop thread (see _inline). Only when the last run served several
-  requests (n) and more arrived during it may the worker wait for about as many to arrive, at most
-  min(max_wait_ms, n x wait_per_request_ms), never longer. Under load that wait is what makes
-  batches: the event loop accepts one RPC per pass, so without it a run serves only those accepted
-  during the previous one, and each run took 0.6-0.9 ms of engine-thread CPU on the cores the loop
-  uses. At concurrency 64 here a run served 3.5 requests with a fixed 1 ms wait, 5.6-6.2 with 3 ms
-  and ~10 with the defaults (10 ms, 1 ms per request); the per-request bound keeps two requests
-  that merely overlapped from waiting long (at concurrency 4 and 8 the waits measured ~1 ms either way).
+  requests (n) and more arrived during it does the worker gather (_gather_more): it waits for about
+  as many to arrive, at most min(max_wait_ms, n x wait_per_request_ms), then goes on while requests
+  keep arriving, up to max_wait_ms in all. Under load that is what makes batches: the event loop
+  accepts one RPC per pass, so without it a run serves only those accepted during the previous one,
+  and every run costs the loop, the server's bottleneck, its hand-offs. At concurrency 64 here a run
+  served 3.5 requests with a fixed 1 ms wait, ~10 with a wait for as many as last time, and ~25 now;
+  the per-request bound keeps two requests that merely overlapped from waiting long.
 - Fairness: a job larger than a batch is served a chunk per run and then goes to the back, behind
   jobs that arrived during the run. Small jobs go ahead of large ones (up to half of each run, see
   service.scheduling), and during a long run those that arrive get express runs on the loop thread
@@ -48,6 +48,7 @@ SCORE_PIECE_ROWS = 16_384  # a Score call runs in engine calls of about this man
 SCORE_INLINE_ROWS = 256  # a Score call of at most this many rows is scored on the loop thread: 0.5-1 ms at
                          # most here (each name costs more than a character)
 PROBE_INTERVAL = 0.05  # a lone small run takes the long way at most this often (see Batcher._lone_small_run)
+GATHER_IDLE_PASSES = 3  # a gather goes on while requests arrive: it ends after this many loop passes bring none
 CONCURRENT_HOLD = 0.2  # seconds that seeing two requests at once keeps the server in "concurrent" mode: several
                        # probe intervals, or moderate concurrency drops out of batching between probes (a 50 ms
                        # hold with 50 ms probes measured ~6% fewer requests/s at concurrency 8)
@@ -61,6 +62,7 @@ class Batcher(Admission):
         self.inline_rows = inline_rows
         self._concurrent_until = 0.0  # until then, traffic counts as concurrent: no inline runs
         self._probed_at = float("-inf")  # when a lone small run last took the long way (a probe)
+        self._probing = False  # a probe was decided and its run is still to come (see _inline)
         self.batching = max_batch_rows > 0
         # The engine's max_rows keeps one run's memory bounded; batching can only ask for fewer.
         self.cap = min(max_batch_rows, engine.max_rows) if self.batching else engine.max_rows
@@ -295,6 +297,7 @@ class Batcher(Admission):
             return False
         if now - self._probed_at >= PROBE_INTERVAL:
             self._probed_at = now
+            self._probing = True
             return False
         return True
 
@@ -316,36 +319,58 @@ class Batcher(Admission):
 
         A lone small request on a server without concurrent traffic: yes, since the two thread
         hand-offs (to the engine thread and back) cost about as much as the run itself. Under
-        concurrent traffic: no, the loop must keep accepting requests during the run (grpc.aio
-        accepts one RPC per loop pass) so that they form the next batch. An inline run hides
-        concurrency (nothing is accepted meanwhile), so a lone request still goes through the queue
-        now and then (see _lone_small_run) and lets waiting requests show up.
+        concurrent traffic, a run that served several requests within CONCURRENT_HOLD: no, the loop
+        must keep accepting requests during the run (grpc.aio accepts one RPC per loop pass) so that
+        they form the next batch. (A request merely waiting while a lone one runs isn't counted: at
+        concurrency 2 the two calls, out of step, then took the queue and the engine thread one at a
+        time, and served 15-25% fewer requests/s than inline.)
+
+        An inline run hides concurrency (nothing is accepted meanwhile), so a lone request still goes
+        through the queue now and then (see _lone_small_run) and lets waiting requests show up. The
+        probe's run goes to the engine thread too: run inline, it gave the loop a pass or two at most,
+        too few for an RPC to go from accepted to submitted, and against a fast client (h2load, 64
+        streams on one connection) the server never saw the 63 calls waiting in gRPC's core and ran
+        every request alone (1.1-1.9 requests a run).
         """
-        if len(parts) > 1 or self.pending > 1:
+        if len(parts) > 1:
             self._concurrent_until = now + CONCURRENT_HOLD
-        return len(parts) == 1 and self._lone_small_run(rows, now)
+        inline = len(parts) == 1 and not self._probing and self._lone_small_run(rows, now)
+        self._probing = False  # (a probe decided just now is this run's own: it isn't inline either)
+        return inline
 
     async def _gather_more(self):
         """Concurrent traffic: wait until about as many requests as last time arrived, at most
-        min(max_wait, wait_per_request x that many).
+        min(max_wait, wait_per_request x that many); then go on, a loop pass at a time, while requests
+        keep arriving: until GATHER_IDLE_PASSES passes bring none, a run's rows are waiting, or max_wait
+        has passed since the gather began.
 
-        submit wakes the worker only once that many are waiting: a wake-up per arrival cost the event
-        loop, the server's bottleneck under load, a pass and a wait_for task each. The cap grows with the
-        batch: where requests come faster than one per wait_per_request, batches can grow (by those that
-        arrive between the wake-up and the collection) up to what arrives within max_wait (at concurrency
-        64 here ~10 requests a run, against ~6 with a fixed 3 ms wait), while a trickle (two requests
-        that happened to overlap) waits at most a few milliseconds."""
+        The first part: submit wakes the worker only once that many are waiting (a wake-up per arrival
+        cost the event loop, the server's bottleneck under load, a pass and a wait_for task each), and
+        a trickle (two requests that happened to overlap) waits at most a few milliseconds.
+
+        The second part lets batches grow to what the load brings. Waiting for as many as last time
+        alone let them grow only by the few arriving between the wake-up and the collection: 9-11
+        requests a run at concurrency 64 with the load test's client, and 2.6 with h2load, which keeps
+        its 64 calls arriving one at a time. Every run costs the loop its hand-offs, so small runs cost
+        throughput. Under such a backlog gRPC hands over an RPC every pass or two, so the gather runs
+        to max_wait (25-29 requests a run with either client); without one (concurrency 4-16, the
+        other calls on their way back from the client) it ends after a few passes of an idle loop."""
+        t_end = time.perf_counter() + self.max_wait
         want = self._last_batch
-        if self._waiting() >= want or self._rows_waiting() >= self.cap:  # a full batch is already there
-            return
-        self._wake.clear()
-        self._wake_at = want
-        try:
-            await asyncio.wait_for(self._wake.wait(), min(self.max_wait, self.wait_per_request * want))
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self._wake_at = 1
+        if self._waiting() < want and self._rows_waiting() < self.cap:
+            self._wake.clear()
+            self._wake_at = want
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(self.max_wait, self.wait_per_request * want))
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._wake_at = 1
+        idle, seen = 0, self._waiting()
+        while idle < GATHER_IDLE_PASSES and self._rows_waiting() < self.cap and time.perf_counter() < t_end:
+            await asyncio.sleep(0)  # one pass of the loop: accepting RPCs, their handlers submitting
+            waiting = self._waiting()
+            idle, seen = (0, waiting) if waiting > seen else (idle + 1, seen)
 
     def _waiting(self):
         return len(self._incoming) + len(self._jobs)

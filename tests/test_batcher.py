@@ -7,7 +7,7 @@ import types
 import pytest
 
 from service.admission import QueueFull
-from service.batcher import CONCURRENT_HOLD, PROBE_INTERVAL, Batcher
+from service.batcher import CONCURRENT_HOLD, GATHER_IDLE_PASSES, PROBE_INTERVAL, Batcher
 from service.busypoll import BusyPoll
 from service.engine import Engine
 from service.params import GenerateParams
@@ -169,6 +169,52 @@ def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine, 
             await asyncio.sleep(0.01)  # idle again, after a gather that wanted three: one job still wakes it
             await guard(submit(b, eng, 2, 20), 10)
             assert eng.runs[-1] == [(20, 2)]
+
+    asyncio.run(main())
+
+
+def test_batcher_gather_goes_on_while_requests_keep_arriving(engine):
+    """After the wait for as many as the last run served, the gather takes what keeps arriving a loop pass
+    apart (as from a backlog in gRPC's core), ends once GATHER_IDLE_PASSES passes bring nothing, and never
+    goes on past max_wait."""
+
+    class Slow(CountingEngine):
+        delay = 0.0
+
+        def run(self, parts):
+            time.sleep(self.delay)  # on the engine thread: jobs submitted meanwhile arrive during the run
+            return super().run(parts)
+
+    async def main():
+        eng = Slow(engine)
+
+        async def gathered(b, first, fed, passes_apart):
+            """A run of three during which one job arrives (so the next step gathers, wanting three), then
+            `fed` more jobs submitted `passes_apart` loop passes apart. -> the jobs of the run after the three."""
+            eng.delay = 0.2
+            three = asyncio.gather(*[submit(b, eng, 2, seed) for seed in range(first, first + 3)])
+            await asyncio.sleep(0.05)
+            jobs = [submit(b, eng, 2, first + 3)]
+            await three
+            eng.delay = 0.0
+            n = len(eng.runs)
+            for seed in range(first + 4, first + 4 + fed):
+                jobs.append(submit(b, eng, 2, seed))
+                for _ in range(passes_apart):
+                    await asyncio.sleep(0)
+            await asyncio.wait_for(asyncio.gather(*jobs), 10)
+            return [seed for seed, _ in eng.runs[n]]
+
+        # (wait_per_request 20 ms: the fed jobs' last run, fewer than the run before it, waits at most 60 ms)
+        async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=60_000, inline_rows=0,
+                                   wait_per_request_ms=20)) as b:
+            # A job every pass: all 30 join the run (a wait for three alone would have taken 3-5).
+            assert await gathered(b, 100, 30, 1) == list(range(103, 134))
+            # Arrivals further apart than the idle passes: the gather ends after the three it waited for.
+            assert len(await gathered(b, 200, 10, GATHER_IDLE_PASSES + 3)) < 11
+            # A job every pass for longer than max_wait: the run goes with those that came within it.
+            b.max_wait = 1e-4
+            assert 3 <= len(await gathered(b, 300, 200, 1)) < 201
 
     asyncio.run(main())
 
@@ -466,3 +512,19 @@ def test_lone_small_runs_probe_for_concurrency_once_per_interval(engine):
     assert not any(b._lone_small_run(1, t + dt) for dt in (0.001, PROBE_INTERVAL, CONCURRENT_HOLD * 0.99))
     t += CONCURRENT_HOLD + 1e-6
     assert not b._lone_small_run(1, t) and b._lone_small_run(1, t + 0.001)  # quiet again: a probe, then inline
+
+
+def test_a_probes_run_leaves_the_loop_thread_free(engine):
+    """The run of a request that went the long way as a probe isn't inline (the loop accepts RPCs meanwhile),
+    and neither is one that probes in _inline itself; the lone runs after them are, also with a request waiting."""
+    b = Batcher(engine, inline_rows=16)
+    one = [(object(), 1)]
+    t = 100.0
+    assert not b._lone_small_run(1, t)  # submit's probe: the request goes through the queue
+    assert not b._inline(one, 1, t + 0.001)  # ... and its run to the engine thread
+    assert b._inline(one, 1, t + 0.002)  # the next lone run is inline again
+    t += PROBE_INTERVAL + 1e-6
+    assert not b._inline(one, 1, t)  # a probe decided in _inline: this run, not the next
+    assert b._inline(one, 1, t + 0.001)
+    b.pending = 2  # another request waiting while a lone one runs isn't concurrent traffic by itself
+    assert b._inline(one, 1, t + 0.002) and b._lone_small_run(1, t + 0.003)

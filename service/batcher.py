@@ -288,11 +288,11 @@ class Batcher(Admission):
     def _lone_small_run(self, rows, now):
         """A run of at most inline_rows rows with no concurrent traffic lately may go on the loop thread. Such a
         run blocks the loop, so requests arriving meanwhile stay invisible: once per PROBE_INTERVAL a request
-        takes the long way (the queue, a few loop passes), where they show up as concurrency, which then
-        holds for CONCURRENT_HOLD. A probe costs its request ~0.1-0.17 ms: at concurrency 1 a 1-name submit
-        took p50 277 us direct and 371-444 us through the queue. Probing every 4th request instead (one in
-        three through the queue, as the probe's own run counts) gave concurrency 1 a p50 0.06-0.16 ms higher
-        in three of five alternating sets (the same in two), and concurrency 2-64 the same throughput."""
+        takes the long way (the queue, and its run on the engine thread: see _inline), where they show up as
+        concurrency, which then holds for CONCURRENT_HOLD. A probe costs its request ~0.4 ms: at concurrency 1
+        a 1-name submit took p50 280 us direct and ~700 us as a probe (~2% of the requests). Probing every
+        4th request instead (one in three through the queue, as the probe's own run counted) gave concurrency
+        1 a p50 0.06-0.16 ms higher in three of five alternating sets (the same in two)."""
         if rows > self.inline_rows or now < self._concurrent_until:
             return False
         if now - self._probed_at >= PROBE_INTERVAL:

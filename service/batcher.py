@@ -13,7 +13,7 @@ Policies, and why:
   keep arriving, up to max_wait_ms in all. Under load that is what makes batches: the event loop
   accepts one RPC per pass, so without it a run serves only those accepted during the previous one,
   and every run costs the loop, the server's bottleneck, its hand-offs. At concurrency 64 here a run
-  served 3.5 requests with a fixed 1 ms wait, ~10 with a wait for as many as last time, and ~25 now;
+  served 3.5 requests with a fixed 1 ms wait, 3.5-11 with a wait for as many as last time, 19-26 now;
   the per-request bound keeps two requests that merely overlapped from waiting long.
 - Fairness: a job larger than a batch is served a chunk per run and then goes to the back, behind
   jobs that arrived during the run. Small jobs go ahead of large ones (up to half of each run, see
@@ -49,7 +49,7 @@ SCORE_INLINE_ROWS = 256  # a Score call of at most this many rows is scored on t
                          # most here (each name costs more than a character)
 PROBE_INTERVAL = 0.05  # a lone small run takes the long way at most this often (see Batcher._lone_small_run)
 GATHER_IDLE_PASSES = 3  # a gather goes on while requests arrive: it ends after this many loop passes bring none
-CONCURRENT_HOLD = 0.2  # seconds that seeing two requests at once keeps the server in "concurrent" mode: several
+CONCURRENT_HOLD = 0.2  # seconds that a run of two requests or more keeps the server in "concurrent" mode: several
                        # probe intervals, or moderate concurrency drops out of batching between probes (a 50 ms
                        # hold with 50 ms probes measured ~6% fewer requests/s at concurrency 8)
 
@@ -349,11 +349,11 @@ class Batcher(Admission):
         a trickle (two requests that happened to overlap) waits at most a few milliseconds.
 
         The second part lets batches grow to what the load brings. Waiting for as many as last time
-        alone let them grow only by the few arriving between the wake-up and the collection: 9-11
-        requests a run at concurrency 64 with the load test's client, and 2.6 with h2load, which keeps
-        its 64 calls arriving one at a time. Every run costs the loop its hand-offs, so small runs cost
-        throughput. Under such a backlog gRPC hands over an RPC every pass or two, so the gather runs
-        to max_wait (25-29 requests a run with either client); without one (concurrency 4-16, the
+        alone let them grow only by the few arriving between the wake-up and the collection: 3.5-11
+        requests a run at concurrency 64 with the load test's client, and 2.4-2.6 with h2load, which
+        keeps its 64 calls arriving one at a time. Every run costs the loop its hand-offs, so small runs
+        cost throughput. Under such a backlog gRPC hands over an RPC every pass or two, so the gather
+        runs to max_wait (19-29 requests a run with either client); without one (concurrency 4-16, the
         other calls on their way back from the client) it ends after a few passes of an idle loop."""
         t_end = time.perf_counter() + self.max_wait
         want = self._last_batch

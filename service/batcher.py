@@ -13,7 +13,7 @@ Policies, and why:
   keep arriving, up to max_wait_ms in all. Under load that is what makes batches: the event loop
   accepts one RPC per pass, so without it a run serves only those accepted during the previous one,
   and every run costs the loop, the server's bottleneck, its hand-offs. At concurrency 64 here a run
-  served 3.5 requests with a fixed 1 ms wait, 3.5-11 with a wait for as many as last time, 19-26 now;
+  served 3.5 requests with a fixed 1 ms wait, 3.5-11 with a wait for as many as last time, 19-25 now;
   the per-request bound keeps two requests that merely overlapped from waiting long.
 - Fairness: a job larger than a batch is served a chunk per run and then goes to the back, behind
   jobs that arrived during the run. Small jobs go ahead of large ones (up to half of each run, see
@@ -330,7 +330,7 @@ class Batcher(Admission):
         probe's run goes to the engine thread too: run inline, it gave the loop a pass or two at most,
         too few for an RPC to go from accepted to submitted, and against a fast client (h2load, 64
         streams on one connection) the server never saw the 63 calls waiting in gRPC's core and ran
-        every request alone (1.1-1.9 requests a run).
+        nearly every request alone (1.1-2.7 requests a run).
         """
         if len(parts) > 1:
             self._concurrent_until = now + CONCURRENT_HOLD
@@ -353,7 +353,7 @@ class Batcher(Admission):
         requests a run at concurrency 64 with the load test's client, and 2.4-2.6 with h2load, which
         keeps its 64 calls arriving one at a time. Every run costs the loop its hand-offs, so small runs
         cost throughput. Under such a backlog gRPC hands over an RPC every pass or two, so the gather
-        runs to max_wait (19-29 requests a run with either client); without one (concurrency 4-16, the
+        runs to max_wait (19-31 requests a run with either client); without one (concurrency 4-16, the
         other calls on their way back from the client) it ends after a few passes of an idle loop."""
         t_end = time.perf_counter() + self.max_wait
         want = self._last_batch

@@ -366,11 +366,16 @@ class Batcher(Admission):
                 pass
             finally:
                 self._wake_at = 1
-        idle, seen = 0, self._waiting()
-        while idle < GATHER_IDLE_PASSES and self._rows_waiting() < self.cap and time.perf_counter() < t_end:
-            await asyncio.sleep(0)  # one pass of the loop: accepting RPCs, their handlers submitting
+        seen, idle = -1, 0
+        while time.perf_counter() < t_end:
             waiting = self._waiting()
-            idle, seen = (0, waiting) if waiting > seen else (idle + 1, seen)
+            if waiting > seen:  # arrivals (or the first look): only they change the rows waiting
+                if self._rows_waiting() >= self.cap:
+                    break
+                seen, idle = waiting, 0
+            elif (idle := idle + 1) >= GATHER_IDLE_PASSES:
+                break
+            await asyncio.sleep(0)  # one pass of the loop: accepting RPCs, their handlers submitting
 
     def _waiting(self):
         return len(self._incoming) + len(self._jobs)

@@ -109,18 +109,33 @@ def test_batcher_without_batching_keeps_queue_order(engine):
     asyncio.run(main())
 
 
+class SlowEngine(CountingEngine):
+    """Each run takes `delay` seconds more, on the engine thread: jobs submitted meanwhile arrive during it."""
+
+    delay = 0.0
+
+    def run(self, parts):
+        time.sleep(self.delay)
+        return super().run(parts)
+
+
+async def during_a_run_of_three(b, eng, seeds, late):
+    """Three jobs submitted at once (one run, held 0.3 s), and `late` submitted during that run, so the worker's
+    next step gathers (wanting three). -> the late job's task, once the three are done."""
+    eng.delay = 0.3
+    three = asyncio.gather(*[submit(b, eng, 2, seed) for seed in seeds])
+    await asyncio.sleep(0.1)
+    first = submit(b, eng, 2, late)
+    await three
+    eng.delay = 0.0
+    return first
+
+
 def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine, monkeypatch):
     """Only when jobs arrived during the last run does the worker wait, at most min(max_wait, wait_per_request
     x as many jobs as that run served), until that many are there, however spread out they arrive; with fewer
     it runs what it has once that time passed; a job of a whole run ends the wait; an idle worker wakes for a
     single job."""
-
-    class Slow(CountingEngine):
-        delay = 0.0
-
-        def run(self, parts):
-            time.sleep(self.delay)  # on the engine thread: jobs submitted meanwhile arrive during the run
-            return super().run(parts)
 
     guard = asyncio.wait_for  # the test's own bound against a hang; the batcher's timed waits are recorded
     waits = []
@@ -132,16 +147,7 @@ def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine, 
     monkeypatch.setattr(asyncio, "wait_for", recorded)
 
     async def main():
-        eng = Slow(engine)
-
-        async def during_a_run_of_three(seeds, late):
-            eng.delay = 0.3
-            three = asyncio.gather(*[submit(b, eng, 2, seed) for seed in seeds])  # submitted at once: one run
-            await asyncio.sleep(0.1)
-            first = submit(b, eng, 2, late)  # arrives during that run, so the next step gathers
-            await three
-            eng.delay = 0.0
-            return first
+        eng = SlowEngine(engine)
 
         # inline_rows 0: even a lone small job goes through the worker, which this test is about
         async with running(Batcher(eng, max_batch_rows=256, max_wait_ms=60_000, inline_rows=0,
@@ -150,21 +156,21 @@ def test_batcher_gathers_as_many_as_the_last_run_served_within_max_wait(engine, 
             await asyncio.sleep(0.01)  # idle after a run of three: a lone job runs at once, no timed wait
             await guard(submit(b, eng, 2, 4), 10)
             assert eng.runs == [[(1, 2), (2, 2), (3, 2)], [(4, 2)]] and waits == []
-            spread = [await during_a_run_of_three((5, 6, 7), 8)]
+            spread = [await during_a_run_of_three(b, eng, (5, 6, 7), 8)]
             for seed in (9, 10):
                 await asyncio.sleep(0.05)
                 spread.append(submit(b, eng, 2, seed))
             await guard(asyncio.gather(*spread), 10)
             assert eng.runs[2:] == [[(5, 2), (6, 2), (7, 2)], [(8, 2), (9, 2), (10, 2)]] and waits == [60.0]
-            first = await during_a_run_of_three((11, 12, 13), 14)
+            first = await during_a_run_of_three(b, eng, (11, 12, 13), 14)
             await asyncio.sleep(0.05)
             await guard(asyncio.gather(first, submit(b, eng, 256, 15)), 10)  # a full run: no more waiting
             assert eng.runs[4:6] == [[(11, 2), (12, 2), (13, 2)], [(14, 2), (15, 254)]] and len(waits) == 2
             b.max_wait = 0.05  # now only one of the three wanted comes: it runs alone after max_wait
-            await guard(await during_a_run_of_three((16, 17, 18), 19), 10)
+            await guard(await during_a_run_of_three(b, eng, (16, 17, 18), 19), 10)
             assert eng.runs[-2:] == [[(16, 2), (17, 2), (18, 2)], [(19, 2)]] and waits[2:] == [0.05]
             b.max_wait, b.wait_per_request = 60.0, 0.02  # the same, bounded by 3 x wait_per_request instead
-            await guard(await during_a_run_of_three((21, 22, 23), 24), 10)
+            await guard(await during_a_run_of_three(b, eng, (21, 22, 23), 24), 10)
             assert eng.runs[-2:] == [[(21, 2), (22, 2), (23, 2)], [(24, 2)]] and waits[3:] == [3 * 0.02]
             await asyncio.sleep(0.01)  # idle again, after a gather that wanted three: one job still wakes it
             await guard(submit(b, eng, 2, 20), 10)
@@ -178,25 +184,13 @@ def test_batcher_gather_goes_on_while_requests_keep_arriving(engine):
     apart (as from a backlog in gRPC's core), ends once GATHER_IDLE_PASSES passes bring nothing, and never
     goes on past max_wait."""
 
-    class Slow(CountingEngine):
-        delay = 0.0
-
-        def run(self, parts):
-            time.sleep(self.delay)  # on the engine thread: jobs submitted meanwhile arrive during the run
-            return super().run(parts)
-
     async def main():
-        eng = Slow(engine)
+        eng = SlowEngine(engine)
 
         async def gathered(b, first, fed, passes_apart):
-            """A run of three during which one job arrives (so the next step gathers, wanting three), then
-            `fed` more jobs submitted `passes_apart` loop passes apart. -> the jobs of the run after the three."""
-            eng.delay = 0.2
-            three = asyncio.gather(*[submit(b, eng, 2, seed) for seed in range(first, first + 3)])
-            await asyncio.sleep(0.05)
-            jobs = [submit(b, eng, 2, first + 3)]
-            await three
-            eng.delay = 0.0
+            """during_a_run_of_three, then `fed` more jobs submitted `passes_apart` loop passes apart. -> the seeds
+            of the run after the three."""
+            jobs = [await during_a_run_of_three(b, eng, range(first, first + 3), first + 3)]
             n = len(eng.runs)
             for seed in range(first + 4, first + 4 + fed):
                 jobs.append(submit(b, eng, 2, seed))

@@ -187,13 +187,13 @@ def test_batcher_gather_goes_on_while_requests_keep_arriving(engine):
     async def main():
         eng = SlowEngine(engine)
 
-        async def gathered(b, first, fed, passes_apart):
-            """during_a_run_of_three, then `fed` more jobs submitted `passes_apart` loop passes apart. -> the seeds
-            of the run after the three."""
+        async def gathered(b, first, fed, passes_apart, big=None):
+            """during_a_run_of_three, then `fed` more jobs submitted `passes_apart` loop passes apart, of 2 names
+            each but the big-th, of a whole run. -> the seeds of the run after the three."""
             jobs = [await during_a_run_of_three(b, eng, range(first, first + 3), first + 3)]
             n = len(eng.runs)
-            for seed in range(first + 4, first + 4 + fed):
-                jobs.append(submit(b, eng, 2, seed))
+            for i, seed in enumerate(range(first + 4, first + 4 + fed)):
+                jobs.append(submit(b, eng, b.cap if i == big else 2, seed))
                 for _ in range(passes_apart):
                     await asyncio.sleep(0)
             await asyncio.wait_for(asyncio.gather(*jobs), 10)
@@ -206,6 +206,8 @@ def test_batcher_gather_goes_on_while_requests_keep_arriving(engine):
             assert await gathered(b, 100, 30, 1) == list(range(103, 134))
             # Arrivals further apart than the idle passes: the gather ends before all of them came.
             assert len(await gathered(b, 200, 10, GATHER_IDLE_PASSES + 3)) < 11
+            # A job of a whole run among them: the run goes at once (max_wait is a minute) with those before it.
+            assert await gathered(b, 400, 30, 1, big=5) == list(range(403, 410))
             # A job every pass for longer than max_wait: the run goes with those that came within it.
             b.max_wait = 1e-4
             assert len(await gathered(b, 300, 200, 1)) < 201

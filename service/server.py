@@ -77,6 +77,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-streams", type=int, default=16,
                     help="most GenerateStreams at once (more: RESOURCE_EXHAUSTED); each holds up to two chunks, "
                          "~35 MB at the largest chunk_size, for as long as its client is slow to read")
+    ap.add_argument("--stream-stall-s", type=float, default=30.0,
+                    help="a GenerateStream whose client takes no message for this long is ended with "
+                         "DEADLINE_EXCEEDED, freeing its --max-streams slot (at most --max-streams such streams "
+                         "wait on gRPC at once, one message each, until their clients read on or leave); 0 = never")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port on --host; 0 = off")
     ap.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight RPCs finish on SIGTERM")
     ap.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
@@ -91,6 +95,7 @@ def parse_args(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be >= {lo}")
     bounds = {"port": (0, 65535), "metrics_port": (0, 65535), "threads": (0, MAX_THREADS),
               "max_wait_ms": (0, 1000), "wait_per_request_ms": (0, 1000), "busy_poll_ms": (0, 1000), "grace": (0, 3600),
+              "stream_stall_s": (0, 3600),
               "max_samples": (1, INT32_MAX), "max_stream_samples": (1, INT32_MAX)}  # int32 in ModelInfo and requests
     for name, (lo, hi) in bounds.items():
         if not lo <= getattr(args, name) <= hi:  # NaN fails too
@@ -116,7 +121,8 @@ async def serve(args, engine):
     metrics = Metrics()
     batcher = Batcher(engine, args.max_batch_rows, args.max_wait_ms, args.max_queue, metrics, args.inline_rows,
                       args.max_queue_names, args.busy_poll_ms, args.wait_per_request_ms)
-    servicer = NameGeneratorServicer(engine, batcher, metrics, args.max_samples, args.max_stream_samples, args.max_streams)
+    servicer = NameGeneratorServicer(engine, batcher, metrics, args.max_samples, args.max_stream_samples,
+                                     args.max_streams, args.stream_stall_s)
     server = grpc.aio.server(
         options=[
             # A Generate of max_samples names of up to 64 characters, with room to spare; a stream

@@ -20,6 +20,7 @@ import time
 import traceback
 
 import grpc
+from grpc._cython import cygrpc  # ExecuteBatchError: what a write to a call that has ended raises
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
@@ -133,14 +134,16 @@ def _struct(d):
 
 class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
     def __init__(self, engine, batcher, metrics=None, max_samples=100_000, max_stream_samples=10_000_000,
-                 max_streams=16):
+                 max_streams=16, stream_stall_s=30.0):
         self.engine = engine
         self.batcher = batcher
         self.metrics = metrics
         self.max_samples = max_samples
         self.max_stream_samples = max_stream_samples
         self.max_streams = max_streams
+        self.stream_stall_s = stream_stall_s or None  # 0: a stream waits for its client as long as it takes
         self.streams = 0  # GenerateStreams being served
+        self.stalled = 0  # streams ended for a stalled client that gRPC still holds (one message each)
         info = engine.info
         self._info = pb.ModelInfo(
             vocab=info.vocab,
@@ -203,9 +206,11 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
             counted = True
             async with contextlib.aclosing(self._chunks(req, chunk, context)) as chunks:
                 async for out in chunks:  # aclosing: a cancelled stream stops drawing at once, not at GC
-                    yield response_of(out, seed)
+                    if not await self._write(context, response_of(out, seed)):
+                        code = "DEADLINE_EXCEEDED"  # the client stalled: _write ended the stream
+                        return
                     sent += len(out)  # counted once gRPC took it: a chunk the client left before isn't
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+        except asyncio.CancelledError:  # the client went away mid-stream
             code = cancelled_code(context)
             raise
         except Exception as e:  # noqa: BLE001
@@ -215,6 +220,54 @@ class NameGeneratorServicer(pb_grpc.NameGeneratorServicer):
         finally:
             self.streams -= counted
             self._done("GenerateStream", code, t0, sent)
+
+    async def _write(self, context, msg):
+        """Send one stream message. -> False when the client took none for --stream-stall-s: the stream is
+        then ended with DEADLINE_EXCEEDED, which frees its --max-streams slot and its chunks at once.
+
+        Ending it is the handler returning with a status set: neither an abort nor a cancelled handler
+        frees anything (grpc.aio has no server-side cancel, and an abort waits, like the write, until the
+        client reads on). gRPC keeps the message that was being sent until the client reads on or leaves,
+        so at most max_streams streams are left to it so at once: one stalling beyond that keeps waiting,
+        and its slot, until one of them is let go (looked at again every stream_stall_s).
+
+        The watch is a timer that cancels this task, as asyncio.timeout does, but re-armed while gRPC
+        holds its share. A write run as a task of its own, to be waited for in slices, cost two loop passes
+        more per message: a stream of 1-name chunks ran at 2,354 messages/s against 3,521 for the async
+        generator before, where this way runs at 3,690-3,720 against 3,895-3,915 (-5%, as context.write alone)."""
+        loop, task, stalled = asyncio.get_running_loop(), asyncio.current_task(), False
+
+        def watch():
+            nonlocal timer, stalled
+            if self.stalled < self.max_streams:
+                stalled = True
+                task.cancel()
+            else:
+                timer = loop.call_later(self.stream_stall_s, watch)
+
+        timer = self.stream_stall_s and loop.call_later(self.stream_stall_s, watch)
+        try:
+            await context.write(msg)
+            return True
+        except asyncio.CancelledError:
+            if not stalled:  # the client went away
+                raise
+            task.uncancel()
+        except cygrpc.ExecuteBatchError:  # the call ended (the client left, its deadline passed) before grpc
+            raise asyncio.CancelledError from None  # cancelled this task: end the stream as it would have
+        finally:
+            if timer:
+                timer.cancel()
+        self.stalled += 1
+        context.add_done_callback(self._let_go)
+        context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+        context.set_details(f"the client took no message for {self.stream_stall_s:g} s (--stream-stall-s): "
+                            "the stream was ended to free its slot")
+        return False
+
+    def _let_go(self, context):
+        """gRPC is done with a stream ended for a stalled client (the client read on or left)."""
+        self.stalled -= 1
 
     async def _chunks(self, req, chunk, context, reserved=False):
         """The request's names in Samples of `chunk`, drawing one chunk ahead.

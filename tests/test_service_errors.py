@@ -17,8 +17,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.service_fixtures import (ROOT, SERVICE, ServerProcess, assert_healthy, gen, pb, pb_grpc, scrape,
-                                    start_server, stopped_early, wait_for_stop)
+from tests.service_fixtures import (ROOT, SERVICE, ServerProcess, assert_healthy, free_port, gen, pb, pb_grpc,
+                                    rpcs_counted, scrape, start_server, stopped_early, wait_for_stop)
 
 
 BAD_GENERATE = [
@@ -189,6 +189,53 @@ def test_overload_gives_resource_exhausted(model_dir):
     finally:
         assert s.stop() == 0
 
+def test_a_stalled_stream_is_ended_and_frees_its_slot(model_dir):
+    """A client that takes no message for --stream-stall-s loses its stream (DEADLINE_EXCEEDED, naming the flag)
+    and its --max-streams slot. gRPC holds such an ended stream until its client reads on or leaves, and at
+    most --max-streams of them at once: a second stalled stream keeps its slot until the first is let go."""
+    s = start_server(model_dir, "--max-streams", 1, "--stream-stall-s", 0.5, "--max-stream-samples", 5_000_000,
+                     "--metrics-port", free_port())
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            st = pb_grpc.NameGeneratorStub(ch)
+            small = pb.GenerateRequest(num_samples=5)
+
+            def stalled_stream(seed):  # far more names than gRPC's windows and the sockets hold; no deadline
+                it = st.GenerateStream(pb.GenerateRequest(num_samples=5_000_000, chunk_size=1000, seed=seed))
+                next(it)
+                return it
+
+            def refused():
+                try:
+                    return not list(st.GenerateStream(small, timeout=30))
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in e.details()
+                    return True
+
+            first = stalled_stream(1)
+            assert refused()  # it holds the only slot while the server still writes to it
+            deadline = time.monotonic() + 60
+            while refused():  # the windows fill, the write waits 0.5 s, the stream ends: the slot is free
+                assert time.monotonic() < deadline, "the stalled stream still holds its slot"
+                time.sleep(0.1)
+            assert rpcs_counted(s, "GenerateStream", "DEADLINE_EXCEEDED") == 1
+
+            second = stalled_stream(2)  # the first is still held by gRPC (unread): this one keeps its slot
+            time.sleep(5)
+            assert refused()
+            with pytest.raises(grpc.RpcError) as e:  # the first client reads on: it gets what was sent, then why
+                for _ in first:
+                    pass
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "--stream-stall-s" in e.value.details()
+            while refused():  # let go of the first: the second is ended in turn
+                assert time.monotonic() < deadline + 10, "a stalled stream kept its slot past the bound"
+                time.sleep(0.1)
+            second.cancel()
+            assert_healthy(ch, st)
+    finally:
+        assert s.stop() == 0
+
+
 # ---- process lifecycle ----
 
 
@@ -264,7 +311,7 @@ def test_a_signal_during_warm_up_drains_without_serving(model_dir, tmp_path):
                                          ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1),
                                          ("--grace", "nan"), ("--max-wait-ms", 1e9), ("--busy-poll-ms", -1), ("--wait-per-request-ms", -1),
                                          ("--threads", 1000), ("--max-samples", 2**31),
-                                         ("--max-stream-samples", 2**31)])
+                                         ("--max-stream-samples", 2**31), ("--stream-stall-s", -1), ("--stream-stall-s", "nan")])
 def test_bad_server_flags_are_usage_errors(flag, value, capsys):
     from service.server import parse_args
 

@@ -311,7 +311,8 @@ def test_a_signal_during_warm_up_drains_without_serving(model_dir, tmp_path):
                                          ("--event-loop", "trio"), ("--port", 70000), ("--metrics-port", -1),
                                          ("--grace", "nan"), ("--max-wait-ms", 1e9), ("--busy-poll-ms", -1), ("--wait-per-request-ms", -1),
                                          ("--threads", 1000), ("--max-samples", 2**31),
-                                         ("--max-stream-samples", 2**31), ("--stream-stall-s", -1), ("--stream-stall-s", "nan")])
+                                         ("--max-stream-samples", 2**31), ("--stream-stall-s", -1),
+                                         ("--stream-stall-s", "nan")])
 def test_bad_server_flags_are_usage_errors(flag, value, capsys):
     from service.server import parse_args
 

@@ -136,6 +136,23 @@ def test_cancelled_code(left, code):
     assert cancelled_code(Context()) == code
 
 
+def stream_refused(stub):
+    """One 5-name GenerateStream: True if --max-streams turned it away (RESOURCE_EXHAUSTED), False if served."""
+    try:
+        assert len(list(stub.GenerateStream(pb.GenerateRequest(num_samples=5), timeout=30))[0].samples) == 5
+        return False
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in e.details()
+        return True
+
+
+def wait_until_a_stream_is_let_in(stub, within, why):
+    deadline = time.monotonic() + within
+    while stream_refused(stub):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+
+
 def test_overload_gives_resource_exhausted(model_dir):
     s = start_server(model_dir, "--max-queue", 2, "--max-batch-rows", 64, "--max-streams", 1, "--max-queue-names", 30_000)
     try:
@@ -172,19 +189,9 @@ def test_overload_gives_resource_exhausted(model_dir):
             big = pb.GenerateRequest(num_samples=1_000_000, chunk_size=1000, seed=1)
             first = st.GenerateStream(big, timeout=120)
             next(first)
-            with pytest.raises(grpc.RpcError) as e:
-                list(st.GenerateStream(pb.GenerateRequest(num_samples=5), timeout=30))
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in e.value.details()
-            first.cancel()
-            for _ in range(100):  # the server sees the cancellation soon after; then streams are let in again
-                try:
-                    assert len(list(st.GenerateStream(pb.GenerateRequest(num_samples=5), timeout=30))[0].samples) == 5
-                    break
-                except grpc.RpcError as err:
-                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    time.sleep(0.1)
-            else:
-                raise AssertionError("the cancelled stream still counts against --max-streams")
+            assert stream_refused(st)
+            first.cancel()  # the server sees the cancellation soon after; then streams are let in again
+            wait_until_a_stream_is_let_in(st, 10, "the cancelled stream still counts against --max-streams")
             assert_healthy(ch, st)
     finally:
         assert s.stop() == 0
@@ -199,39 +206,27 @@ def test_a_stalled_stream_is_ended_and_frees_its_slot(model_dir):
     try:
         with grpc.insecure_channel(s.target) as ch:
             st = pb_grpc.NameGeneratorStub(ch)
-            small = pb.GenerateRequest(num_samples=5)
 
             def stalled_stream(seed):  # far more names than gRPC's windows and the sockets hold; no deadline
                 it = st.GenerateStream(pb.GenerateRequest(num_samples=5_000_000, chunk_size=1000, seed=seed))
                 next(it)
                 return it
 
-            def refused():
-                try:
-                    return not list(st.GenerateStream(small, timeout=30))
-                except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in e.details()
-                    return True
-
             first = stalled_stream(1)
-            assert refused()  # it holds the only slot while the server still writes to it
-            deadline = time.monotonic() + 60
-            while refused():  # the windows fill, the write waits 0.5 s, the stream ends: the slot is free
-                assert time.monotonic() < deadline, "the stalled stream still holds its slot"
-                time.sleep(0.1)
+            assert stream_refused(st)  # it holds the only slot while the server still writes to it
+            # the windows fill, the write waits 0.5 s, the stream ends: the slot is free
+            wait_until_a_stream_is_let_in(st, 60, "the stalled stream still holds its slot")
             assert rpcs_counted(s, "GenerateStream", "DEADLINE_EXCEEDED") == 1
 
             second = stalled_stream(2)  # the first is still held by gRPC (unread): this one keeps its slot
             time.sleep(5)
-            assert refused()
+            assert stream_refused(st)
             with pytest.raises(grpc.RpcError) as e:  # the first client reads on: it gets what was sent, then why
                 for _ in first:
                     pass
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "--stream-stall-s" in e.value.details()
-            deadline = time.monotonic() + 60
-            while refused():  # let go of the first: the second is ended in turn
-                assert time.monotonic() < deadline, "a stalled stream kept its slot past the bound"
-                time.sleep(0.1)
+            # let go of the first: the second is ended in turn
+            wait_until_a_stream_is_let_in(st, 60, "a stalled stream kept its slot past the bound")
             second.cancel()
             assert_healthy(ch, st)
     finally:
